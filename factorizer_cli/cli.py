@@ -1,0 +1,71 @@
+"""The ``factorizer`` command: parses arguments, calls the Python API, renders results.
+
+Commands arrive with their issues (segment, models, export-onnx, ...); each stays a thin layer over a
+function of the library, which raises typed errors that ``main`` turns into one-line messages.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import FactorizerError
+
+app = typer.Typer(
+    name="factorizer",
+    help=(
+        "Segment brain MRI with Factorizer networks (differentiable NMF).\n\n"
+        "Run `factorizer COMMAND --help` for the options and examples of each command."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import torch
+
+        typer.echo(f"factorizer-cli {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", "-V", help="Print the version and exit.", callback=_print_version,
+                     is_eager=True),
+    ] = None,
+) -> None:
+    """Segment brain MRI with Factorizer networks (differentiable NMF)."""
+
+
+@app.command()
+def info() -> None:
+    """Show the installed versions and the compute devices this machine offers.
+
+    Example: factorizer info
+    """
+    import torch
+
+    typer.echo(f"factorizer-cli {__version__}")
+    typer.echo(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    cuda = torch.cuda.is_available()
+    typer.echo(f"CUDA: {'yes, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
+
+
+def main() -> None:
+    """Console entry point: library errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except FactorizerError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

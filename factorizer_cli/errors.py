@@ -1,0 +1,24 @@
+"""Typed exceptions of the library.
+
+The library raises these and never exits; the CLI maps each to a one-line message and an exit code.
+"""
+
+
+class FactorizerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(FactorizerError, ValueError):
+    """A network description (class name, argument) that cannot be built."""
+
+
+class InputShapeError(FactorizerError, ValueError):
+    """A tensor whose channels or spatial size the network cannot take."""
+
+
+class CheckpointError(FactorizerError):
+    """A checkpoint that cannot be read, or whose keys or shapes do not fit the network."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint that would call code outside plain containers and tensors."""

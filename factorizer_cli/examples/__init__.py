@@ -1,0 +1,1 @@
+"""Runnable examples: ``python -m factorizer_cli.examples.NAME``."""

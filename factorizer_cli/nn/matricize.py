@@ -1,0 +1,144 @@
+"""Matricize: fold a feature map into a batch of matrices for NMF, and back.
+
+``Matricize`` splits channels into heads of ``head_dim`` and space into windows of ``patch_size``, and
+makes one matrix per (sample, head, window): rows are the head's channels, columns the window's voxels::
+
+    b (h d) (g0 p0) (g1 p1) (g2 p2)  ->  (b h) (g0 g1 g2) d (p0 p1 p2)
+
+With ``shifts`` the map is first rolled cyclically (torch.roll), so windows straddle the unshifted
+borders. ``SWMatricize`` (shifted windows) applies several such Matricize ops and stacks their outputs
+along the first axis; its inverse averages the folded-back maps, so ``inverse_forward(forward(x)) == x``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+Size = Sequence[int | None]
+
+
+def _ntuple(value: int | Sequence[int] | None, n: int) -> tuple[int | None, ...]:
+    if value is None or isinstance(value, int):
+        return (value,) * n
+    if len(value) != n:
+        raise ConfigError(f"expected {n} values (one per spatial axis), got {tuple(value)}")
+    return tuple(value)
+
+
+class Matricize(nn.Module):
+    """One (optionally shifted) window partition. ``input_size`` is ``(B, C, *spatial)``; B may be None."""
+
+    def __init__(
+        self,
+        input_size: Size,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        grid_size: int | Sequence[int] | None = None,
+        patch_size: int | Sequence[int] | None = None,
+        shifts: int | Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads is None and head_dim is None:
+            raise ConfigError("Matricize needs `num_heads` or `head_dim`")
+        if grid_size is None and patch_size is None:
+            raise ConfigError("Matricize needs `grid_size` or `patch_size`")
+        self.input_size = tuple(input_size)
+        channels, spatial = input_size[1], tuple(input_size[2:])
+        ndim = len(spatial)
+        grid, patch = _ntuple(grid_size, ndim), _ntuple(patch_size, ndim)
+        self.patch_size = tuple(
+            s // max(g, 1) if p is None else max(p, 1) for s, g, p in zip(spatial, grid, patch)
+        )
+        self.grid_size = tuple(s // p for s, p in zip(spatial, self.patch_size))
+        for axis, (s, p) in enumerate(zip(spatial, self.patch_size)):
+            if s % p:
+                raise ConfigError(
+                    f"a feature map of spatial size {spatial} cannot be cut into windows of "
+                    f"{self.patch_size}: {s} on axis {axis} is not a multiple of {p}; use a patch_size "
+                    "that divides the size of every stage, or a larger spatial_size"
+                )
+        self.head_dim = channels // max(num_heads, 1) if head_dim is None else max(head_dim, 1)
+        if channels % self.head_dim:
+            raise ConfigError(f"{channels} channels cannot be split into heads of {self.head_dim}")
+        self.num_heads = channels // self.head_dim
+        self.shifts = None if shifts is None else tuple(int(s) for s in _ntuple(shifts, ndim))
+        self.dims = tuple(range(2, 2 + ndim))
+
+        g = " ".join(f"g{i}" for i in range(ndim))
+        p = " ".join(f"p{i}" for i in range(ndim))
+        gp = " ".join(f"(g{i} p{i})" for i in range(ndim))
+        self.pattern = f"b (h d) {gp} -> (b h) ({g}) d ({p})"
+        self.inverse_pattern = f"(b h) ({g}) d ({p}) -> b (h d) {gp}"
+        self.axes = {"h": self.num_heads, **{f"g{i}": n for i, n in enumerate(self.grid_size)},
+                     **{f"p{i}": n for i, n in enumerate(self.patch_size)}}
+        batch = input_size[0]
+        self.output_size = (
+            None if batch is None else batch * self.num_heads,
+            math.prod(self.grid_size),
+            self.head_dim,
+            math.prod(self.patch_size),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.shifts is not None:
+            x = torch.roll(x, self.shifts, self.dims)
+        return rearrange(x, self.pattern, **self.axes)
+
+    def inverse_forward(self, x: Tensor) -> Tensor:
+        out = rearrange(x, self.inverse_pattern, **self.axes)
+        if self.shifts is not None:
+            out = torch.roll(out, tuple(-s for s in self.shifts), self.dims)
+        return out
+
+
+class SWMatricize(nn.Module):
+    """Shifted-window Matricize: one partition per entry of ``shifts``, stacked along the first axis.
+
+    ``shifts`` defaults to ``[None, patch_size // 2]`` (plain windows and half-window shifted ones), as
+    in Swin Transformers. Each entry may be None, an int (same shift on every axis) or one int per axis.
+    """
+
+    def __init__(
+        self,
+        input_size: Size,
+        num_heads: int | None = None,
+        head_dim: int | None = None,
+        grid_size: int | Sequence[int] | None = None,
+        patch_size: int | Sequence[int] | None = None,
+        shifts: Sequence[int | Sequence[int] | None] | None = None,
+    ) -> None:
+        super().__init__()
+        ndim = len(input_size) - 2
+        if shifts is None:
+            patch = _ntuple(patch_size, ndim)
+            if None in patch:
+                raise ConfigError("SWMatricize needs `patch_size` or explicit `shifts`")
+            shifts = [None, tuple(p // 2 for p in patch)]
+        self.shifted_windows = nn.ModuleList(
+            Matricize(input_size, num_heads, head_dim, grid_size, patch_size, s) for s in shifts
+        )
+        self.output_size = self.shifted_windows[0].output_size
+        if self.output_size[0] is not None:
+            self.output_size = (self.output_size[0] * len(shifts), *self.output_size[1:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([window(x) for window in self.shifted_windows])
+
+    def inverse_forward(self, x: Tensor) -> Tensor:
+        """Fold every partition back and average them.
+
+        A running mean, ``m += (y - m) / k``, rather than ``sum / count``: it returns ``x`` bit for bit
+        from ``forward(x)`` whatever the number of shifts (``(x + x + x) / 3`` is not always ``x``).
+        """
+        folded = [w.inverse_forward(c) for w, c in zip(self.shifted_windows, x.chunk(len(self.shifted_windows)))]
+        out = folded[0]
+        for k, y in enumerate(folded[1:], start=2):
+            out = out + (y - out) / k
+        return out

@@ -1,0 +1,24 @@
+"""Shared test helpers: where the upstream parity fixtures live, and a skip when they do not."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("FACTORIZER_FIXTURES", REPO.parent / "shared" / "fixtures" / "upstream"))
+FIXTURE_NAMES = ("v001_small_seed0", "v002_small_seed0", "head_small_seed0")
+
+
+def fixture_meta(name: str) -> dict:
+    """The fixture's JSON (config, checkpoint name, output shapes, parameter count), or skip."""
+    path = FIXTURES / f"{name}.json"
+    if not path.is_file():
+        pytest.skip(
+            f"upstream parity fixtures not found at {FIXTURES} (they sit beside the clone in CI; "
+            "set FACTORIZER_FIXTURES to run these tests)"
+        )
+    return json.loads(path.read_text())

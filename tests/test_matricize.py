@@ -1,0 +1,56 @@
+"""Matricize and SWMatricize: shapes, window contents and exact inverses."""
+
+import pytest
+import torch
+
+import factorizer_cli as ft
+from factorizer_cli.errors import ConfigError
+
+
+def test_seed_readme_shapes():
+    sw = ft.SWMatricize((None, 32, 16, 16, 16), head_dim=8, patch_size=8)
+    y = sw(torch.rand(1, 32, 16, 16, 16))
+    # 2 shifts × 4 heads, 2³ windows, 8 channels per head, 8³ voxels per window
+    assert y.shape == (8, 8, 8, 512)
+    assert sw.output_size == (None, 8, 8, 512)
+
+
+def test_window_holds_the_heads_channels_over_its_voxels():
+    x = torch.arange(2 * 4 * 6 * 4, dtype=torch.float32).view(1, 2 * 4, 6, 4)  # 2D, 8 channels
+    mat = ft.Matricize((None, 8, 6, 4), head_dim=4, patch_size=(3, 2))
+    y = mat(x)  # (b h) (g0 g1) d (p0 p1)
+    assert y.shape == (2, 4, 4, 6)
+    head, window = 1, 3  # window (g0=1, g1=1): rows 3..5, columns 2..3
+    expected = x[0, 4:8, 3:6, 2:4].reshape(4, 6)
+    assert torch.equal(y[head, window], expected)
+
+
+def test_shift_rolls_before_partitioning():
+    x = torch.rand(1, 4, 8, 8)
+    shifted = ft.Matricize((None, 4, 8, 8), num_heads=1, patch_size=4, shifts=(1, 2))
+    plain = ft.Matricize((None, 4, 8, 8), num_heads=1, patch_size=4)
+    assert torch.equal(shifted(x), plain(torch.roll(x, (1, 2), (2, 3))))
+
+
+@pytest.mark.parametrize(
+    "shifts",
+    [None, [None], [None, 1], [None, 1, 2], [None, 1, 2, 3], [(1, 2, 3), None, 5], [0, 1, 2, 3, 4, 5, 6]],
+)
+def test_inverse_is_exact_for_every_shift(shifts):
+    sw = ft.SWMatricize((None, 16, 8, 12, 8), head_dim=4, patch_size=(4, 6, 4), shifts=shifts)
+    x = torch.randn(2, 16, 8, 12, 8) * 100
+    assert torch.equal(sw.inverse_forward(sw(x)), x)
+    for window in sw.shifted_windows:
+        assert torch.equal(window.inverse_forward(window(x)), x)
+
+
+def test_grid_size_instead_of_patch_size():
+    mat = ft.Matricize((None, 8, 8, 8, 8), num_heads=2, grid_size=2)
+    assert mat.output_size == (None, 8, 4, 64)
+
+
+def test_sizes_that_do_not_divide_are_refused_with_the_numbers():
+    with pytest.raises(ConfigError, match=r"spatial size \(10, 8, 8\) cannot be cut into windows of \(4, 4, 4\): 10 on axis 0"):
+        ft.Matricize((None, 8, 10, 8, 8), head_dim=4, patch_size=4)
+    with pytest.raises(ConfigError, match="12 channels cannot be split into heads of 8"):
+        ft.Matricize((None, 12, 8, 8, 8), head_dim=8, patch_size=4)
