@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from einops import rearrange
 
 import factorizer_cli as ft
 from factorizer_cli.errors import ConfigError
@@ -23,6 +24,32 @@ def test_window_holds_the_heads_channels_over_its_voxels():
     head, window = 1, 3  # window (g0=1, g1=1): rows 3..5, columns 2..3
     expected = x[0, 4:8, 3:6, 2:4].reshape(4, 6)
     assert torch.equal(y[head, window], expected)
+
+
+@pytest.mark.parametrize("shifts", [None, 1, (1, 2, 3), (4, 0, 7), (9, -3, 13), (-1, -5, 2)])
+def test_matches_roll_then_rearrange(shifts):
+    x = torch.randn(2, 12, 8, 12, 16)
+    mat = ft.Matricize((None, 12, 8, 12, 16), head_dim=4, patch_size=(4, 6, 8), shifts=shifts)
+    rolled = x if shifts is None else torch.roll(x, mat.shifts, (2, 3, 4))
+    expected = rearrange(rolled, "b (h d) (g0 p0) (g1 p1) (g2 p2) -> (b h) (g0 g1 g2) d (p0 p1 p2)",
+                         d=4, p0=4, p1=6, p2=8)
+    assert torch.equal(mat(x), expected)
+    acc = torch.ones_like(x)
+    assert torch.equal(mat.fold_add_(acc, expected), x + 1)
+
+
+def test_gradient_flows_through_the_block_copies():
+    x = torch.randn(1, 8, 8, 8, requires_grad=True)
+    sw = ft.SWMatricize((None, 8, 8, 8), head_dim=4, patch_size=4, shifts=[None, 1, (2, 3)])
+    weights = torch.randn(sw(x).shape)
+    (sw(x) * weights).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    reference = torch.cat([
+        rearrange(torch.roll(x_ref, s, (2, 3)), "b (h d) (g0 p0) (g1 p1) -> (b h) (g0 g1) d (p0 p1)", d=4, p0=4, p1=4)
+        for s in [(0, 0), (1, 1), (2, 3)]
+    ])
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 def test_shift_rolls_before_partitioning():

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .factorization import NMF
-from .layers import MLP, LayerNorm, Linear, Residual
+from .layers import MLP, LayerNorm, Linear, Residual, mlp_residual_, norm_linear
 from .matricize import Matricize
 from .partial import PartialSpec, partialize
 
@@ -52,33 +52,56 @@ class FactorizerSubblock(nn.Module):
         if self._relu_act and hasattr(self.factorize, "input_is_nonnegative"):
             self.factorize.input_is_nonnegative = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.in_proj(x)
+    def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """``norm`` (optional) is applied to ``x`` first: the block's pre-norm, fused in at inference."""
         windows = getattr(self.tensorize, "shifted_windows", [self.tensorize])
-        # One window partition at a time: the same sum as upstream's stack-then-split, a fraction of
-        # the memory. The sum is accumulated in place when autograd is off.
-        acc = None
+        if torch.is_grad_enabled():
+            # The reference path, autograd-friendly: the same sum as upstream's stack-then-split.
+            out = self.in_proj(x if norm is None else norm(x))
+            acc = 0.0
+            for window in windows:
+                acc = acc + window.inverse_forward(self.factorize(self.act(window(out))))
+            acc = acc / len(windows) if len(windows) > 1 else acc
+            return self.dropout(self.out_proj(acc))
+
+        # Inference: one window partition at a time, each folded back into one accumulator in place,
+        # the NMF reconstruction written over its own input. An elementwise ReLU commutes with the
+        # partition, so it is applied once, up front.
+        if isinstance(norm, LayerNorm):
+            out = norm_linear(x, norm, self.in_proj)
+        else:
+            out = self.in_proj(x if norm is None else norm(x))
+        if self._relu_act:
+            out = out.relu_()
+        acc = torch.zeros_like(out)
         for window in windows:
             matrices = window(out)
-            if self._relu_act and not torch.is_grad_enabled() and not _shares_memory(matrices, out):
-                matrices = matrices.relu_()
-            else:
+            if not self._relu_act:
                 matrices = self.act(matrices)
-            folded = window.inverse_forward(self.factorize(matrices))
-            del matrices
-            if acc is None:
-                acc = folded
-            elif torch.is_grad_enabled():
-                acc = acc + folded
+            if isinstance(self.factorize, NMF):
+                folded = self.factorize(matrices, overwrite_input=True)
             else:
-                acc.add_(folded)
+                folded = self.factorize(matrices)
+            del matrices
+            window.fold_add_(acc, folded)
+            del folded
+        del out
         if len(windows) > 1:
-            acc = acc / len(windows)
+            acc = acc.div_(len(windows))
         return self.dropout(self.out_proj(acc))
 
 
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _pre_norm_residual(x: Tensor, norm: nn.Module, sub: nn.Module, x_is_ours: bool) -> Tensor:
+    """``x + sub(norm(x))`` at inference, without full-size temporaries where the layers allow.
+
+    ``x_is_ours``: ``x`` was made inside this block, so the MLP residual may update it in place.
+    """
+    if isinstance(norm, LayerNorm):
+        if isinstance(sub, MLP) and x_is_ours and x.is_contiguous():
+            return mlp_residual_(x, norm, sub)
+        if isinstance(sub, FactorizerSubblock):
+            return sub(x, norm=norm).add_(x)
+    return sub(norm(x)) + x
 
 
 class FactMixer(FactorizerSubblock):
@@ -113,8 +136,13 @@ class FactorizerBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks.values():
-            x = block(x)
+        if torch.is_grad_enabled():
+            for block in self.blocks.values():
+                x = block(x)
+            return x
+        for i, block in enumerate(self.blocks.values()):
+            norm, sub = block.fn
+            x = _pre_norm_residual(x, norm, sub, x_is_ours=i > 0)
         return x
 
 
@@ -137,8 +165,11 @@ class FactMixerBlock(nn.Module):
         self.mlp = MLP(channels, ratio=mlp_ratio, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.fact(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = x + self.fact(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = _pre_norm_residual(x, self.norm1, self.fact, x_is_ours=False)
+        return _pre_norm_residual(x, self.norm2, self.mlp, x_is_ours=True)
 
 
 class FactorizerStage(nn.Module):
@@ -171,15 +202,25 @@ class FactorizerStage(nn.Module):
             block(out_channels, spatial_size, **block_kwargs) for _ in range(depth)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, *parts: Tensor) -> Tensor:
+        """Adapter and positional embedding. Several inputs are taken as their channel concatenation
+        (the decoder's skip and upsampled maps), built only if the adapter cannot take them apart."""
         if hasattr(self, "adapter"):
-            x = self.adapter(x)
+            x = self.adapter(*parts) if isinstance(self.adapter, Linear) else self.adapter(torch.cat(parts, 1))
+        else:
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         x = self.pos_embed(x)
         if hasattr(self, "pos_drop"):
             x = self.pos_drop(x)
+        return x
+
+    def run_blocks(self, x: Tensor) -> Tensor:
         for blk in self.blocks:
             x = blk(x)
         return x
+
+    def forward(self, *parts: Tensor) -> Tensor:
+        return self.run_blocks(self.embed(*parts))
 
 
 __all__ = [

@@ -169,9 +169,14 @@ class NMF(nn.Module):
                 v = self.solver.update(x.mT, v, u)
         return u, v
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
+        """The reconstruction ``U @ V.mT``; with ``overwrite_input`` it may be written into ``x``.
+
+        ``overwrite_input`` saves a tensor the size of ``x`` when the caller no longer needs it (the
+        Factorizer subblock's matricized features at inference).
+        """
         if self._gram_path_applies(x):
-            return self._rank1_hals_gram(x)
+            return self._rank1_hals_gram(x, overwrite_input)
         u, v = self.decompose(x)
         return u @ v.mT
 
@@ -189,7 +194,7 @@ class NMF(nn.Module):
             and x.dtype in (torch.float32, torch.float64)
         )
 
-    def _rank1_hals_gram(self, x: Tensor) -> Tensor:
+    def _rank1_hals_gram(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
         """Rank-1 HALS for ``X ≥ 0``, iterating on ``K = X Xᵀ`` (M × M) instead of X (M × N).
 
         With every ReLU inactive, HALS alternates ``u = (X v + ε) / (vᵀv + ε)`` and
@@ -217,10 +222,13 @@ class NMF(nn.Module):
         projection = (u @ u.mT / c).to(x.dtype)  # ... × M × M
         offset = (eps * u / c).to(x.dtype)  # ... × M × 1
         m = x.shape[-2]
-        out = torch.baddbmm(
-            offset.reshape(-1, m, 1), projection.reshape(-1, m, m), x.reshape(-1, m, n)
-        )
-        return out.view(x.shape)
+        x3, projection, offset = x.reshape(-1, m, n), projection.reshape(-1, m, m), offset.reshape(-1, m, 1)
+        if not (overwrite_input and x.is_contiguous()):
+            return torch.baddbmm(offset, projection, x3).view(x.shape)
+        step = max(1, (1 << 22) // (m * n))  # a few MB of windows at a time
+        for i in range(0, x3.shape[0], step):
+            x3[i : i + step] = torch.baddbmm(offset[i : i + step], projection[i : i + step], x3[i : i + step])
+        return x
 
 def relative_error(x: Tensor, y: Tensor, eps: float = 1e-16) -> Tensor:
     """``‖x − y‖ / ‖x‖`` per batch element, over the last two dimensions."""

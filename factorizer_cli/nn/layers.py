@@ -13,19 +13,31 @@ from torch.nn.modules.utils import _pair
 
 
 class Linear(nn.Module):
-    """A 1×1 convolution: mixes channels at every voxel of a ``B × C × *spatial`` map."""
+    """A 1×1 convolution: mixes channels at every voxel of a ``B × C × *spatial`` map.
+
+    Several maps may be given; they are treated as their concatenation along the channels, without
+    building it (the decoder's skip connection and upsampled features, 2 × C channels at full size).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__()
         # Kept as a Conv1d so that the parameter layout is upstream's (`linear.weight`: out × in × 1).
         self.linear = nn.Conv1d(in_channels, out_channels, kernel_size=1, bias=bool(bias))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *parts: Tensor) -> Tensor:
         weight, bias = self.linear.weight[..., 0], self.linear.bias
-        out = torch.matmul(weight, x.flatten(2))
+        first = parts[0]
+        out, start = None, 0
+        for part in parts:
+            flat = part.flatten(2)
+            w = weight[:, start : start + flat.shape[1]].expand(flat.shape[0], -1, -1)
+            start += flat.shape[1]
+            out = torch.bmm(w, flat) if out is None else out.baddbmm_(w, flat)
+        if start != weight.shape[1]:
+            raise ValueError(f"Linear expects {weight.shape[1]} input channels, got {start}")
         if bias is not None:
-            out.add_(bias[:, None])  # in place: matmul's backward does not need its output
-        return out.view(x.shape[0], -1, *x.shape[2:])
+            out.add_(bias[:, None])  # in place: bmm's backward does not need its output
+        return out.view(first.shape[0], -1, *first.shape[2:])
 
 
 class LayerNorm(nn.Module):
@@ -89,3 +101,48 @@ class Residual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fn(x) + x
+
+
+# Inference helpers. A channel-wise LayerNorm followed by per-voxel layers can run over a few thousand
+# voxels at a time, so the normalized map and the MLP's hidden map (2-4 × C channels) never exist at
+# full size: on a 128³ input that is hundreds of MB per block.
+
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _voxel_chunks(flat: Tensor):
+    batch, channels, length = flat.shape
+    step = max(1024, _CHUNK_ELEMENTS // channels)
+    for b in range(batch):
+        for start in range(0, length, step):
+            yield b, slice(start, start + step)
+
+
+def _layer_norm_rows(rows: Tensor, norm: LayerNorm) -> Tensor:
+    """``rows``: voxels × channels."""
+    n = norm.norm
+    return F.layer_norm(rows, n.normalized_shape, n.weight, n.bias, n.eps)
+
+
+def norm_linear(x: Tensor, norm: LayerNorm, linear: Linear) -> Tensor:
+    """``linear(norm(x))`` without materializing ``norm(x)``."""
+    flat = x.flatten(2)
+    weight, bias = linear.linear.weight[..., 0], linear.linear.bias
+    out = x.new_empty(flat.shape[0], weight.shape[0], flat.shape[2])
+    for b, voxels in _voxel_chunks(flat):
+        rows = _layer_norm_rows(flat[b, :, voxels].t(), norm)
+        result = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        out[b, :, voxels] = result.t()
+    return out.view(x.shape[0], -1, *x.shape[2:])
+
+
+def mlp_residual_(x: Tensor, norm: LayerNorm, mlp: MLP) -> Tensor:
+    """``x += mlp(norm(x))`` in place, chunk by chunk (inference; dropout is the identity)."""
+    fc1, act, _, fc2, _ = mlp.block
+    w1, b1 = fc1.linear.weight[..., 0], fc1.linear.bias
+    w2, b2 = fc2.linear.weight[..., 0], fc2.linear.bias
+    flat = x.flatten(2)
+    for b, voxels in _voxel_chunks(flat):
+        hidden = act(torch.addmm(b1, _layer_norm_rows(flat[b, :, voxels].t(), norm), w1.t()))
+        flat[b, :, voxels] += torch.addmm(b2, hidden, w2.t()).t()
+    return x

@@ -5,13 +5,15 @@ makes one matrix per (sample, head, window): rows are the head's channels, colum
 
     b (h d) (g0 p0) (g1 p1) (g2 p2)  ->  (b h) (g0 g1 g2) d (p0 p1 p2)
 
-With ``shifts`` the map is first rolled cyclically (torch.roll), so windows straddle the unshifted
-borders. ``SWMatricize`` (shifted windows) applies several such Matricize ops and stacks their outputs
+With ``shifts`` the map is first rolled cyclically (as torch.roll would), so windows straddle the
+unshifted borders. The roll and the cut are done together, as a few block copies between two views of
+the data, so ``x`` is read once (upstream rolls, then rearranges: four copies in 3D). ``SWMatricize`` (shifted windows) applies several such Matricize ops and stacks their outputs
 along the first axis; its inverse averages the folded-back maps, so ``inverse_forward(forward(x)) == x``.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -69,15 +71,18 @@ class Matricize(nn.Module):
             raise ConfigError(f"{channels} channels cannot be split into heads of {self.head_dim}")
         self.num_heads = channels // self.head_dim
         self.shifts = None if shifts is None else tuple(int(s) for s in _ntuple(shifts, ndim))
-        self.dims = tuple(range(2, 2 + ndim))
 
         g = " ".join(f"g{i}" for i in range(ndim))
         p = " ".join(f"p{i}" for i in range(ndim))
         gp = " ".join(f"(g{i} p{i})" for i in range(ndim))
+        g_p = " ".join(f"g{i} p{i}" for i in range(ndim))
         self.pattern = f"b (h d) {gp} -> (b h) ({g}) d ({p})"
-        self.inverse_pattern = f"(b h) ({g}) d ({p}) -> b (h d) {gp}"
+        # Both layouts seen as the same 3 + 2·ndim axes, as views: copies between them need no reshape.
+        self._spatial_axes = f"b (h d) {gp} -> b h d {g_p}"
+        self._window_axes = f"(b h) ({g}) d ({p}) -> b h d {g_p}"
         self.axes = {"h": self.num_heads, **{f"g{i}": n for i, n in enumerate(self.grid_size)},
                      **{f"p{i}": n for i, n in enumerate(self.patch_size)}}
+        self._blocks = _shift_blocks(self.grid_size, self.patch_size, self.shifts or (0,) * ndim)
         batch = input_size[0]
         self.output_size = (
             None if batch is None else batch * self.num_heads,
@@ -87,15 +92,73 @@ class Matricize(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.shifts is not None:
-            x = torch.roll(x, self.shifts, self.dims)
-        return rearrange(x, self.pattern, **self.axes)
+        """Roll by ``shifts`` and cut into windows, in one pass over ``x`` (no rolled copy)."""
+        out = x.new_empty(x.shape[0] * self.num_heads, math.prod(self.grid_size), self.head_dim,
+                          math.prod(self.patch_size))
+        windows, spatial = self._window_view(out), rearrange(x, self._spatial_axes, **self.axes)
+        for window_index, spatial_index in self._blocks:
+            windows[window_index].copy_(spatial[spatial_index])
+        return out
 
     def inverse_forward(self, x: Tensor) -> Tensor:
-        out = rearrange(x, self.inverse_pattern, **self.axes)
-        if self.shifts is not None:
-            out = torch.roll(out, tuple(-s for s in self.shifts), self.dims)
+        """Put every window back in place and undo the roll: the exact inverse of ``forward``."""
+        batch = x.shape[0] // self.num_heads
+        out = x.new_empty(batch, self.num_heads * self.head_dim,
+                          *(g * p for g, p in zip(self.grid_size, self.patch_size)))
+        self._fold(out, x, accumulate=False)
         return out
+
+    def fold_add_(self, acc: Tensor, x: Tensor) -> Tensor:
+        """``acc += inverse_forward(x)`` in one pass and without a temporary (inference only)."""
+        self._fold(acc, x, accumulate=True)
+        return acc
+
+    def _fold(self, out: Tensor, x: Tensor, accumulate: bool) -> None:
+        windows, spatial = self._window_view(x), rearrange(out, self._spatial_axes, **self.axes)
+        for window_index, spatial_index in self._blocks:
+            if accumulate:
+                spatial[spatial_index].add_(windows[window_index])
+            else:
+                spatial[spatial_index].copy_(windows[window_index])
+
+    def _window_view(self, x: Tensor) -> Tensor:
+        return rearrange(x, self._window_axes, **self.axes)
+
+
+Index = tuple[slice, ...]
+
+
+def _shift_blocks(grid: Sequence[int], patch: Sequence[int], shifts: Sequence[int]) -> list[tuple[Index, Index]]:
+    """Rectangular blocks that map the rolled, windowed layout onto the unrolled spatial one.
+
+    Along one axis of ``G`` windows of ``P`` voxels rolled by ``s = qP + r``, window voxel ``(g, p)``
+    holds spatial voxel ``(g - q, p - r)`` if ``p >= r``, else ``(g - q - 1, P - r + p)``, windows
+    counted modulo ``G``: at most two ranges of ``p`` times two of ``g``. The blocks of all axes combine
+    as a product; each block is an index for the ``b h d g0 p0 g1 p1 ...`` views of both layouts.
+    """
+    per_axis = []
+    for n_windows, size, shift in zip(grid, patch, shifts):
+        q, r = divmod(shift % (n_windows * size), size)
+        pieces = []
+        for p_window, p_spatial, g_shift in (
+            (slice(r, size), slice(0, size - r), q),
+            (slice(0, r), slice(size - r, size), q + 1),
+        ):
+            if p_window.start == p_window.stop:
+                continue
+            g_shift %= n_windows
+            for g_window, g_spatial in (
+                (slice(g_shift, n_windows), slice(0, n_windows - g_shift)),
+                (slice(0, g_shift), slice(n_windows - g_shift, n_windows)),
+            ):
+                if g_window.start != g_window.stop:
+                    pieces.append(((g_window, p_window), (g_spatial, p_spatial)))
+        per_axis.append(pieces)
+    head = (slice(None),) * 3
+    return [
+        (head + sum((w for w, _ in combo), ()), head + sum((s for _, s in combo), ()))
+        for combo in itertools.product(*per_axis)
+    ]
 
 
 class SWMatricize(nn.Module):

@@ -35,12 +35,11 @@ class _EncoderStage(nn.Module):
 
 
 class _DecoderStage(nn.Module):
-    def __init__(self, upsample: nn.Module, block: nn.Module) -> None:
+    """Upsampling and a stage; ``UNet.forward_features`` runs the two (see there why not here)."""
+
+    def __init__(self, upsample: nn.Module, block: FactorizerStage) -> None:
         super().__init__()
         self.upsample, self.block = upsample, block
-
-    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return self.block(torch.cat([skip, self.upsample(x)], dim=1))
 
 
 class _Path(nn.Module):
@@ -146,9 +145,16 @@ class UNet(nn.Module):
         for stage in self.encoder.blocks:
             h = stage(h)
             features.append(h)
+        del h
         outputs = [features.pop()]
-        for stage in self.decoder.blocks:
-            outputs.append(stage(outputs[-1], features.pop()))
+        for i, stage in enumerate(self.decoder.blocks):
+            up = stage.upsample(outputs[-1])
+            if len(self.encoder.blocks) - 1 - i >= levels:
+                outputs[-1] = None  # no head reads this level: free it now
+            h = stage.block.embed(features.pop(), up)  # skip ⊕ upsampled, freed once adapted
+            del up
+            outputs.append(stage.block.run_blocks(h))
+            del h
         outputs.reverse()
         return outputs[:levels]
 
