@@ -22,3 +22,11 @@ class CheckpointError(FactorizerError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint that would call code outside plain containers and tensors."""
+
+
+class InputError(FactorizerError):
+    """An input image or case folder that cannot be used; the message names the file and the fix."""
+
+
+class OutputError(FactorizerError):
+    """An output path that cannot be written (missing or read-only folder, same as an input, disk full)."""
