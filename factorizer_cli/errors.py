@@ -30,3 +30,7 @@ class InputError(FactorizerError):
 
 class OutputError(FactorizerError):
     """An output path that cannot be written (missing or read-only folder, same as an input, disk full)."""
+
+
+class DeviceError(FactorizerError):
+    """A compute device or precision that this machine cannot provide."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..nn.config import build
+from .package import load_state_dict_checked
 from .safe_pickle import Reference, load_checkpoint
 
 _V001_STAGE_KEY = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.blocks\.(\d+)\.(.*)$")
@@ -97,31 +98,6 @@ def rename_v001_keys(state_dict: Mapping[str, torch.Tensor], model_keys: set[str
         else:
             renamed[f"{stage}.block.blocks.{index}.{rest}"] = value
     return renamed
-
-
-def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
-    """``load_state_dict(strict=True)`` with an error that says which keys and shapes did not fit."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: network has {tuple(expected[k].shape)}, checkpoint has {tuple(v.shape)}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
-        if missing:
-            parts.append(f"{len(missing)} weights missing from the checkpoint (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} weights the network does not have (e.g. {unexpected[0]})")
-        raise CheckpointError(
-            f"{source}: checkpoint does not fit the {type(model).__name__} described by the config: "
-            + "; ".join(parts)
-        )
-    model.load_state_dict(state_dict, strict=True)
 
 
 def config_from_hparams(checkpoint: Any, path: str | Path = "checkpoint") -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The ``factorizer`` command: parses arguments, calls the Python API, renders results.
 
-Commands arrive with their issues (segment, models, export-onnx, ...); each stays a thin layer over a
-function of the library, which raises typed errors that ``main`` turns into one-line messages.
+Each command lives in its own module and stays a thin layer over a library function; the library
+raises typed errors that ``console.friendly_errors`` turns into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import __version__
-from .errors import FactorizerError
+from .. import __version__
 
 app = typer.Typer(
     name="factorizer",
@@ -21,7 +20,8 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
 )
 
 
@@ -58,14 +58,9 @@ def info() -> None:
     typer.echo(f"CUDA: {'yes, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
 
 
+from . import segment as _segment  # noqa: E402  (registers the command on ``app``)
+
+
 def main() -> None:
-    """Console entry point: library errors become one line on stderr and exit code 2."""
-    try:
-        app()
-    except FactorizerError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
+    """Console entry point."""
+    app()

@@ -1,0 +1,221 @@
+"""``factorizer segment``: one case in, a label map in the input's exact geometry out."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import InputError, OutputError
+from ..io import check_output_path, find_modalities, match_modalities, read_image
+from ..io.images import atomic_path, nifti_suffix
+from ..pipeline.preview import write_preview
+from ..pipeline.segment import InferenceOptions, Segmentation, Segmenter
+from ..zoo.package import open_package
+from . import app
+from .console import error_console, friendly_errors, progress_bar
+
+IO_PANEL, INFERENCE_PANEL, EXTRA_PANEL = "Inputs and outputs", "Inference", "Extra outputs"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+EXAMPLES = """
+**Examples**
+
+Four BraTS modalities, named explicitly:
+
+    factorizer segment t1.nii.gz t1ce.nii.gz t2.nii.gz flair.nii.gz --modality t1 t1ce t2 flair -o seg.nii.gz --model MODEL_DIR
+
+A case folder (modalities found by BraTS, ISLES BIDS or nnU-Net _0000 naming), with volumes and a picture:
+
+    factorizer segment BraTS-GLI-00001-000/ -o seg.nii.gz --model MODEL_DIR --stats seg.json --preview seg.png
+
+GPU, mixed precision, mirror test-time augmentation, BraTS 2021 labels (enhancing tumour = 4):
+
+    factorizer segment CASE_DIR -o seg.nii.gz --model MODEL_DIR --device cuda --tta --label-convention brats2021
+"""
+
+
+def split_modality_names(inputs: list[str], modality: list[str]) -> tuple[list[str], list[str]]:
+    """Accept ``--modality t1 t1ce t2 flair`` although options take one value each.
+
+    The parser hands the first name to ``--modality`` and the others to the positional inputs, before
+    or after the files. Names that are not existing paths, at either end of the inputs, go back to the
+    modality list in order; ``--modality t1,t1ce`` and repeated ``--modality`` also work.
+    """
+    names = [n for value in modality for n in value.replace(",", " ").split()]
+    if not names:
+        return inputs, names
+    inputs = list(inputs)
+    leading, trailing = [], []
+    while inputs and not Path(inputs[0]).exists() and not nifti_suffix(Path(inputs[0])):
+        leading.append(inputs.pop(0))
+    while inputs and not Path(inputs[-1]).exists() and not nifti_suffix(Path(inputs[-1])):
+        trailing.insert(0, inputs.pop())
+    return inputs, leading + names + trailing if leading else names + trailing
+
+
+def resolve_inputs(inputs: list[str], modality: list[str], specs) -> list[Path]:
+    """The case's image paths in the model's modality order."""
+    files, names = split_modality_names(inputs, modality)
+    if not files:
+        raise InputError("no input images given; pass a case folder or one file per modality")
+    if len(files) == 1 and Path(files[0]).is_dir() and not names:
+        return list(find_modalities(files[0], specs).values())
+    if not names:
+        if len(specs) == 1:
+            return [Path(files[0])]
+        expected = " ".join(name for name, _ in specs)
+        raise InputError(
+            f"{len(files)} files given without --modality; say which is which, e.g. --modality {expected}"
+            ", or pass the case folder"
+        )
+    canonical = match_modalities(names, specs)
+    if len(files) != len(canonical):
+        raise InputError(
+            f"{len(files)} input files but {len(canonical)} modality names ({' '.join(names)}); give one "
+            "file per modality, in the same order"
+        )
+    by_name = dict(zip(canonical, map(Path, files)))
+    return [by_name[name] for name, _ in specs]
+
+
+def _check_outputs(paths: list[tuple[Path, str]], inputs: list[Path]) -> None:
+    seen: dict[Path, Path] = {}
+    for path, kind in paths:
+        if kind == "nifti" and nifti_suffix(path) is None:
+            raise OutputError(f"{path}: output name must end in .nii.gz or .nii; rename it")
+        if kind == "png" and path.suffix.lower() != ".png":
+            raise OutputError(f"{path}: the preview is a PNG; give a name ending in .png")
+        check_output_path(path, inputs)
+        key = path.resolve()
+        if key in seen:
+            raise OutputError(f"{path}: given for two outputs; choose distinct names")
+        seen[key] = path
+
+
+def write_stats(path: Path, seg: Segmentation, inputs: list[Path], device: str) -> None:
+    report = {
+        "model": seg.card.name,
+        "inputs": [str(p) for p in inputs],
+        "label_convention": seg.label_convention or "default",
+        "device": device,
+        **seg.volumes(),
+        "seconds": {k: round(v, 3) for k, v in seg.seconds.items()},
+        "notes": seg.notes,
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+@app.command(epilog=EXAMPLES)
+@friendly_errors
+def segment(
+    inputs: Annotated[list[str], typer.Argument(
+        help="A case folder, or one image per modality (.nii/.nii.gz, or a DICOM series folder).",
+        show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Label map to write (.nii.gz): uint8, the input's exact geometry.",
+        show_default=False, rich_help_panel=IO_PANEL)],
+    model: Annotated[Path, typer.Option(
+        "--model", help="Model folder (card.json and weights).", show_default=False,
+        rich_help_panel=IO_PANEL)],
+    modality: Annotated[Optional[list[str]], typer.Option(
+        "--modality", "-m", help="Modality of each input file, in order: e.g. t1 t1ce t2 flair.",
+        show_default=False, rich_help_panel=IO_PANEL)] = None,
+    overlap: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.95, help="Sliding-window overlap (default: the model's, usually 0.5).",
+        rich_help_panel=INFERENCE_PANEL)] = None,
+    sw_batch_size: Annotated[int, typer.Option(
+        min=1, help="Windows per forward pass.", rich_help_panel=INFERENCE_PANEL)] = 1,
+    tta: Annotated[bool, typer.Option(
+        "--tta/--no-tta", help="Mirror test-time augmentation (8 flips: slower, a little better).",
+        rich_help_panel=INFERENCE_PANEL)] = False,
+    device: Annotated[str, typer.Option(
+        help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=INFERENCE_PANEL)] = "auto",
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="CPU threads (default: PyTorch's choice).", rich_help_panel=INFERENCE_PANEL)] = None,
+    precision: Annotated[Precision, typer.Option(
+        help="auto: fp16 mixed precision on CUDA, fp32 elsewhere.", rich_help_panel=INFERENCE_PANEL,
+        case_sensitive=False)] = Precision.auto,
+    nmf_iters: Annotated[Optional[int], typer.Option(
+        min=1, help="NMF iterations at inference, fewer is faster (default: as trained).",
+        rich_help_panel=INFERENCE_PANEL)] = None,
+    label_convention: Annotated[Optional[str], typer.Option(
+        help="Relabelling named by the model, e.g. brats2021 (enhancing tumour = 4).",
+        rich_help_panel=INFERENCE_PANEL)] = None,
+    probabilities: Annotated[Optional[Path], typer.Option(
+        help="Also write the probabilities (4D .nii.gz, one volume per output).", show_default=False,
+        rich_help_panel=EXTRA_PANEL)] = None,
+    stats: Annotated[Optional[Path], typer.Option(
+        help="Also write volumes (mL) per label and region as JSON.", show_default=False,
+        rich_help_panel=EXTRA_PANEL)] = None,
+    preview: Annotated[Optional[Path], typer.Option(
+        help="Also write a PNG montage of axial slices, labels over FLAIR.", show_default=False,
+        rich_help_panel=EXTRA_PANEL)] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=EXTRA_PANEL)] = False,
+) -> None:
+    """Segment one case and write its label map in the exact geometry of the input.
+
+    The images are reoriented, cropped, resampled and normalized as the model card says; the network
+    runs over sliding windows; every step is undone on the probabilities before thresholding, so the
+    label map has the input's shape, affine and qform/sform codes. Nothing is written if anything
+    fails.
+    """
+    started = time.perf_counter()
+    package = open_package(model)
+    card = package.card
+    paths = resolve_inputs(inputs, modality or [], card.modality_specs)
+    extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
+    _check_outputs([(output, "nifti"), *extra], paths)
+
+    segmenter = Segmenter(package, InferenceOptions(
+        overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
+        precision=precision.value, nmf_iters=nmf_iters, threads=threads,
+        label_convention=label_convention,
+    ))
+    images = [read_image(p) for p in paths]
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(f"segmenting on {segmenter.device.type}", total=None)
+        result = segmenter(images, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                           keep_probabilities=probabilities is not None)
+
+    result.write(output)
+    if probabilities:
+        result.write_probabilities(probabilities)
+    if stats:
+        write_stats(stats, result, paths, str(segmenter.device))
+    if preview:
+        flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
+        background = images[flair] if images[flair].array.shape == images[0].array.shape else images[0]
+        write_preview(preview, background.array, result.labels, result.reference.affine)
+    if not quiet:
+        _summary(result, output, time.perf_counter() - started, str(segmenter.device))
+
+
+def _summary(result: Segmentation, output: Path, seconds: float, device: str) -> None:
+    console = error_console()
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    volumes = result.volumes()
+    table = Table(title=f"{result.card.name} → {output}", title_justify="left", box=None)
+    table.add_column("")
+    table.add_column("volume (mL)", justify="right")
+    for name, ml in volumes["labels_ml"].items():
+        table.add_row(f"label {name}", f"{ml:.2f}")
+    for name, ml in volumes["regions_ml"].items():
+        table.add_row(f"[bold]region {name}[/]", f"{ml:.2f}")
+    console.print(table)
+    console.print(f"done in {seconds:.1f} s on {device}", highlight=False)

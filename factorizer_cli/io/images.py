@@ -1,0 +1,433 @@
+"""Read and write the images of one case: NIfTI files and DICOM series in, NIfTI out.
+
+Geometry is the usual source of silent errors in this field (flipped or shifted outputs), so this
+module keeps one convention everywhere: an ``Image`` holds its voxels in the axis order nibabel gives
+(i, j, k) and an ``affine`` that maps those voxel indices to RAS+ millimetres. DICOM series, which ITK
+reads in LPS with (k, j, i) arrays, are converted to that convention on the way in, so later code never
+sees two conventions. Outputs reuse the reference's header (qform, sform and their codes, units), so a
+viewer overlays them exactly on the input.
+
+Every problem with an input raises ``InputError`` and every unwritable output ``OutputError``, each
+with a one-line message that names the file and says the fix.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import secrets
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from ..errors import InputError, OutputError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_ACCEPTED = "a .nii or .nii.gz file, or a folder holding one DICOM series"
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# What nibabel, gzip and zlib raise on a truncated or corrupt file, depending on where it breaks.
+_READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError, HeaderDataError)
+
+
+@dataclass
+class Image:
+    """One 3D image with its geometry.
+
+    ``array`` is float32 with axes (i, j, k) exactly as nibabel returns them; ``affine`` maps
+    (i, j, k, 1) to RAS+ millimetres (nibabel convention). ``header`` is kept so outputs can copy the
+    input's qform/sform codes and units; ``path`` is where it came from (for messages).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k: the column norms of the affine (right for oblique too)."""
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The voxel grid's shape (i, j, k)."""
+        return tuple(self.array.shape)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | os.PathLike[str]) -> Image:
+    """Read a NIfTI file or a folder holding one DICOM series into an ``Image`` (RAS+, float32).
+
+    Raises ``InputError`` for a missing file, a format we do not read, a truncated or corrupt file,
+    a 2D or multi-volume 4D image, NaN/Inf values, or an image whose voxels are all zero.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    elif nifti_suffix(path) is not None:
+        image = _read_nifti(path)
+    else:
+        raise InputError(f"{path}: not a NIfTI image; give {_ACCEPTED}")
+    check_image(image)
+    return image
+
+
+def check_image(image: Image) -> None:
+    """Raise ``InputError`` unless ``image`` is a 3D, finite, non-empty volume.
+
+    Shared by the readers and by code that builds images itself, so every path into the pipeline
+    refuses the same inputs with the same messages.
+    """
+    array, path = image.array, image.path
+    _check_shape(array.shape, path)
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(
+            f"{path}: {bad} voxels are NaN or Inf; fix the conversion that made this file"
+        )
+    if not np.any(array):
+        raise InputError(
+            f"{path}: empty image (all voxels are zero); check that it is the right file"
+        )
+
+
+def _check_shape(shape: tuple[int, ...], path: Path) -> None:
+    """Raise ``InputError`` unless ``shape`` is a 3D volume (shared by the checks and the reader)."""
+    if len(shape) == 4:
+        raise InputError(f"{path}: 4D image with {shape[3]} volumes; give one 3D file per modality")
+    if len(shape) > 4:
+        raise InputError(f"{path}: {len(shape)}D image of shape {shape}; give a 3D volume")
+    if len(shape) < 3 or min(shape) == 1:
+        raise InputError(f"{path}: 2D image of shape {shape}; give a 3D volume")
+
+
+def nifti_suffix(path: Path) -> str | None:
+    """The NIfTI suffix of ``path`` (``.nii.gz`` or ``.nii``, lower case), or None."""
+    name = path.name.lower()
+    return next((suffix for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
+
+
+def _read_nifti(path: Path) -> Image:
+    try:
+        img = _load_nifti(path)
+    except _READ_ERRORS as exc:
+        raise InputError(f"{path}: {_unreadable_reason(path, exc)}") from exc
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass, so it passes
+        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__}); give {_ACCEPTED}")
+    if img.get_data_dtype().fields is not None:
+        raise InputError(f"{path}: RGB image; give a grayscale MRI volume")
+    shape = _squeeze_trailing(img.shape)
+    _check_shape(shape, path)  # before reading the voxels: a large 4D file is refused at once
+    try:
+        array = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except _READ_ERRORS as exc:
+        raise InputError(
+            f"{path}: truncated or corrupt file ({_one_line(exc)}); copy or download it again"
+        ) from exc
+    header = img.header if type(img.header) is nib.Nifti1Header else _nifti1_header_from(img.header)
+    return Image(array.reshape(shape), img.affine.astype(np.float64), header, path)
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load``, except that a ``.nii.gz`` is decompressed whole first.
+
+    Only reading a gzip stream to its end checks its CRC, and nibabel reads just the bytes it needs,
+    so a corrupt file could otherwise yield wrong voxels silently. One full decompression is also
+    what nibabel would do anyway.
+    """
+    if nifti_suffix(path) == ".nii":
+        return nib.load(path, mmap=False)  # plain arrays: no file kept mapped behind the image
+    raw = gzip.decompress(path.read_bytes())
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    if 348 in sizes:
+        return nib.Nifti1Image.from_bytes(raw)
+    if 540 in sizes:
+        return nib.Nifti2Image.from_bytes(raw)
+    raise ImageFileError("no NIfTI header after decompression")
+
+
+def _unreadable_reason(path: Path, exc: Exception) -> str:
+    """Why nibabel could not open ``path``, with the fix (a misnamed gzip is the common case)."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return f"cannot be opened ({_one_line(exc)}); check its permissions"
+    if nifti_suffix(path) == ".nii" and gzipped:
+        return "gzip-compressed but named .nii; rename it to .nii.gz"
+    if nifti_suffix(path) == ".nii.gz" and not gzipped:
+        return "not gzip-compressed but named .nii.gz; rename it to .nii if it is a NIfTI file"
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return f"truncated or corrupt file ({_one_line(exc)}); copy or download it again"
+    return f"not a NIfTI image ({_one_line(exc)}); give {_ACCEPTED}"
+
+
+def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Drop trailing length-1 axes beyond the third: (X, Y, Z, 1) is a 3D image saved as 4D."""
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _read_dicom_series(folder: Path) -> Image:
+    """Read the one DICOM series in ``folder`` and convert ITK's LPS geometry to a RAS affine."""
+    with _quiet_itk():  # ITK prints its warnings; we raise InputError for the ones that matter
+        itk_image = _read_itk_series(folder)
+    if itk_image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{folder}: colour DICOM series; give a grayscale MRI series")
+    if itk_image.GetDimension() != 3:
+        raise InputError(f"{folder}: {itk_image.GetDimension()}D DICOM image; give a 3D series")
+    # ITK arrays are (k, j, i); nibabel's are (i, j, k). astype copies out of ITK's buffer.
+    array = sitk.GetArrayViewFromImage(itk_image).transpose(2, 1, 0).astype(np.float32)
+    affine = itk_to_ras_affine(itk_image)
+    header = header_from_affine(affine, array.shape, code="scanner")
+    return Image(array, affine, header, folder)
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(display)
+
+
+def _read_itk_series(folder: Path) -> sitk.Image:
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: cannot list DICOM files ({_one_line(exc)})") from exc
+    if not series:
+        raise InputError(f"{folder}: folder holds no DICOM series; give {_ACCEPTED}")
+    if len(series) > 1:
+        raise InputError(
+            f"{folder}: folder holds {len(series)} DICOM series; put each series in its own folder"
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
+    try:
+        itk_image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            f"{folder}: unreadable DICOM series ({_one_line(exc)}); export the series again"
+        ) from exc
+    _check_slice_spacing(reader, folder)
+    return itk_image
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, folder: Path) -> None:
+    """Refuse a series with a missing or doubled slice: one affine cannot describe uneven gaps.
+
+    ITK only warns (on stderr) and uses an average spacing, which would shift every slice past the
+    gap. Positions are projected on the slice normal; a gap off the median by over 1 % fails.
+    """
+    count = len(reader.GetFileNames())
+    if count < 3 or not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(count)):
+        return
+    try:
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+        positions = np.array(
+            [
+                [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                for i in range(count)
+            ]
+        )
+    except (RuntimeError, ValueError):  # tags absent or malformed: ITK's own geometry stands
+        return
+    along = positions @ np.cross(cosines[:3], cosines[3:6])
+    gaps = np.diff(np.sort(along))
+    typical = float(np.median(gaps))
+    if typical > 0 and np.max(np.abs(gaps - typical)) > 0.01 * typical:
+        raise InputError(
+            f"{folder}: DICOM slices are unevenly spaced (gaps {gaps.min():.3g} to "
+            f"{gaps.max():.3g} mm); a slice is missing or doubled, export the full series again"
+        )
+
+
+def itk_to_ras_affine(itk_image: sitk.Image) -> np.ndarray:
+    """The voxel (i, j, k) -> RAS+ mm affine of an ITK image.
+
+    ITK maps index (i, j, k) to LPS as origin + direction @ diag(spacing) @ index; RAS+ negates the
+    first two world axes, so the affine is diag(-1, -1, 1, 1) @ [[direction * spacing, origin]].
+    """
+    direction = np.asarray(itk_image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(itk_image.GetSpacing(), dtype=np.float64)
+    lps[:3, 3] = itk_image.GetOrigin()
+    return _LPS_TO_RAS @ lps
+
+
+def header_from_affine(
+    affine: np.ndarray, shape: Sequence[int], code: str | int = "scanner"
+) -> nib.Nifti1Header:
+    """A fresh NIfTI-1 header whose qform and sform both hold ``affine`` (units mm and s)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(shape))
+    header.set_data_dtype(np.float32)
+    header.set_qform(affine, code=code)
+    header.set_sform(affine, code=code)
+    header.set_xyzt_units("mm", "sec")
+    return header
+
+
+def _nifti1_header_from(header: nib.Nifti1Header) -> nib.Nifti1Header:
+    """A NIfTI-1 header with the geometry (forms, codes, units) of a NIfTI-2 one."""
+    converted = header_from_affine(header.get_best_affine(), header.get_data_shape()[:3])
+    converted.set_qform(header.get_qform(), code=int(header["qform_code"]))
+    converted.set_sform(header.get_sform(), code=int(header["sform_code"]))
+    converted.set_xyzt_units(*header.get_xyzt_units())
+    return converted
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    The temporary keeps the (lower-cased) suffix, so writers that pick a format by name still work.
+    A reader therefore sees either the old file or the complete new one, never a partial file, and a
+    failed write leaves nothing behind: this is what makes re-running a batch job safe.
+    """
+    path = Path(path)
+    suffix = nifti_suffix(path) or path.suffix.lower()
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    temporary = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as f:  # flush to disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_nifti(
+    path: str | os.PathLike[str], array: np.ndarray, reference: Image, dtype: np.dtype | type | str
+) -> None:
+    """Write ``array`` as a NIfTI file on ``reference``'s grid, atomically.
+
+    ``array`` is 3D, or 4D with channels last (NIfTI keeps volumes on its 4th axis); its first three
+    axes must equal the reference's shape. The output gets exactly the reference's affine, qform and
+    sform with their codes and ``xyzt_units``, the on-disk ``dtype`` (uint8 for label maps, float32
+    for probability maps; NIfTI-1 has no float16) and no intensity scaling (slope 1, intercept 0), so
+    labels are stored as they are. Raises ``ValueError`` for an array that does not fit, and
+    ``OutputError`` when the file cannot be written.
+    """
+    path = Path(path)
+    if nifti_suffix(path) is None:
+        raise OutputError(f"{path}: output name must end in .nii.gz or .nii; rename it")
+    data = np.asarray(array)
+    if data.ndim not in (3, 4) or data.shape[:3] != tuple(reference.array.shape):
+        raise ValueError(
+            f"array of shape {data.shape} does not fit the reference grid {reference.array.shape} "
+            "(expected the same 3 spatial axes, plus channels last)"
+        )
+    data = _cast(data, np.dtype(dtype))
+    header = _output_header(reference, data)
+    image = nib.Nifti1Image(data, None, header=header)  # None: nibabel keeps the header's forms
+    # After construction: nibabel resets scaling on a header passed in, and NaN means "choose one".
+    image.header.set_slope_inter(1.0, 0.0)
+    try:
+        with atomic_path(path) as temporary:
+            nib.save(image, temporary)
+    except OSError as exc:
+        raise OutputError(
+            f"{path}: cannot write ({exc.strerror or _one_line(exc)}); check free space and "
+            "permissions of the output folder"
+        ) from exc
+
+
+def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``data`` as ``dtype``, refusing casts that would silently change values (wrap, NaN)."""
+    if dtype == np.float16:
+        raise ValueError("NIfTI-1 has no float16 data type; write float32 (or uint8 for labels)")
+    if dtype.kind in "ui" and data.dtype.kind in "fiu" and data.size:
+        if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+            raise ValueError(f"cannot store NaN or Inf as {dtype}")
+        info = np.iinfo(dtype)
+        low, high = data.min(), data.max()
+        if low < info.min or high > info.max:
+            raise ValueError(f"values {low}..{high} do not fit {dtype} ({info.min}..{info.max})")
+        if data.dtype.kind == "f":
+            data = np.rint(data)
+    return data.astype(dtype, copy=False)
+
+
+def _output_header(reference: Image, data: np.ndarray) -> nib.Nifti1Header:
+    """The reference's header with the output's shape and dtype, scaling and value hints reset."""
+    if reference.header is None:
+        header = header_from_affine(reference.affine, data.shape[:3])
+    else:
+        header = reference.header.copy()
+        if not np.allclose(header.get_best_affine(), reference.affine, atol=1e-5):
+            # The image was given a new affine: store it, keeping the codes the header had.
+            header.set_sform(reference.affine, code=int(header["sform_code"]) or "aligned")
+            header.set_qform(reference.affine, code=int(header["qform_code"]))
+    header.set_data_shape(data.shape)
+    header.set_data_dtype(data.dtype)
+    if data.ndim == 4:
+        pixdim = header["pixdim"]
+        pixdim[4] = 1.0  # channels, not time points: unit step
+        header["pixdim"] = pixdim
+    for field in ("cal_min", "cal_max", "glmin", "glmax"):
+        header[field] = 0
+    header.set_intent("none")
+    return header
+
+
+def check_output_path(
+    path: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]
+) -> None:
+    """Raise ``OutputError`` unless ``path`` can be written without touching an input.
+
+    Called before any computation, so a run that would fail at the last step (missing or read-only
+    folder, output overwriting its own input) fails in the first second instead.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        raise OutputError(f"{path}: output folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise OutputError(f"{path}: {folder} is a file, not a folder; choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{path}: output folder {folder} is not writable; choose another folder or fix its "
+            "permissions"
+        )
+    if path.is_dir():
+        raise OutputError(
+            f"{path} is a folder; give an output file name such as {path / 'seg.nii.gz'}"
+        )
+    target = path.resolve()
+    for source in map(Path, inputs):
+        if target == source.resolve() or (
+            path.exists() and source.exists() and os.path.samefile(path, source)
+        ):
+            raise OutputError(
+                f"{path}: output would overwrite the input {source}; choose another output name"
+            )

@@ -1,0 +1,1 @@
+"""Pipeline: preprocess, infer (sliding window, TTA), postprocess."""

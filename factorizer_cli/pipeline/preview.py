@@ -1,0 +1,58 @@
+"""A PNG montage of axial slices with the label map over an image: a glance at QC, not a viewer.
+
+Slices are shown in radiological convention (patient's right on the left of the picture, anterior at
+the top), whatever the orientation of the files, because both volumes are first reoriented to RAS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..io import geometry
+from ..io.png import write_png
+
+# BraTS colours: NCR red, ED green, ET yellow; 4 (ET in BraTS 2021) also yellow; others cycle.
+COLOURS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (250, 220, 40), 4: (250, 220, 40)}
+_CYCLE = [(70, 130, 250), (230, 90, 220), (60, 220, 220), (250, 150, 50)]
+
+
+def montage(background: np.ndarray, labels: np.ndarray, affine: np.ndarray, slices: int = 12,
+            columns: int = 4, alpha: float = 0.45) -> np.ndarray:
+    """RGB montage (H, W, 3) uint8 of ``slices`` axial slices through the labelled (else imaged) extent."""
+    both = np.stack([background.astype(np.float32), labels.astype(np.float32)])
+    canonical, _, _ = geometry.to_canonical(both, affine)
+    image, label = canonical[0], canonical[1].astype(np.int64)
+    extent = label > 0 if label.any() else image != 0
+    zs = np.flatnonzero(extent.any(axis=(0, 1)))
+    chosen = np.unique(np.linspace(zs[0], zs[-1], num=min(slices, len(zs))).round().astype(int))
+
+    values = image[image != 0]
+    lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+
+    tiles = []
+    for z in chosen:
+        # RAS array (i: right, j: anterior): rows from anterior to posterior, columns from right to left.
+        g = grey[:, :, z].T[::-1, ::-1]
+        lab = label[:, :, z].T[::-1, ::-1]
+        rgb = np.repeat(g[..., None], 3, axis=2)
+        for value in np.unique(lab[lab > 0]):
+            colour = np.array(COLOURS.get(int(value), _CYCLE[int(value) % len(_CYCLE)]), np.float32)
+            mask = lab == value
+            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
+        tiles.append(rgb.astype(np.uint8))
+    zoom = max(1, 160 // max(tiles[0].shape[:2]))  # small volumes: enlarge, nearest neighbour
+    tiles = [tile.repeat(zoom, axis=0).repeat(zoom, axis=1) for tile in tiles]
+    rows = -(-len(tiles) // columns)
+    h, w = tiles[0].shape[:2]
+    sheet = np.zeros((rows * h, min(columns, len(tiles)) * w, 3), np.uint8)
+    for n, tile in enumerate(tiles):
+        r, c = divmod(n, columns)
+        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+    return sheet
+
+
+def write_preview(path: str | Path, background: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> None:
+    write_png(path, montage(background, labels, affine))

@@ -1,0 +1,165 @@
+"""Sliding-window inference with Gaussian blending, and mirror test-time augmentation.
+
+A volume larger than the network's window is cut into overlapping windows of size ``roi``. Each
+batch of windows is predicted and summed in place into one output, weighted by a Gaussian: a voxel
+near a window's edge saw less context, so it counts less. The sum is divided by the summed weights
+at the end. Memory: the output, one weight-sum map and one batch of windows.
+
+Placement, weights and padding follow MONAI's ``sliding_window_inference(mode="gaussian")``, so the
+two agree to float rounding (the tests check it):
+
+- per axis the step is ``int(roi * (1 - overlap))``, at least 1; windows start at multiples of the
+  step, the last moved back to end at the border; the last axis varies fastest;
+- the Gaussian has sigma ``sigma_scale * roi`` per axis, peak 1, clamped below at 1e-3;
+- an axis shorter than the roi is zero-padded, ``diff // 2`` before and the rest after; the output
+  is cropped back.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError, InputShapeError
+
+Predictor = Callable[[Tensor], Tensor]
+Device = torch.device | str | None
+
+
+def gaussian_importance(
+    roi: tuple[int, ...],
+    sigma_scale: float = 0.125,
+    dtype: torch.dtype = torch.float32,
+    device: Device = None,
+) -> Tensor:
+    """Blending weights of one window: a separable Gaussian, 1 at the centre, never below 1e-3."""
+    profiles = []
+    for n in roi:  # float32 whatever `dtype`, then cast, as MONAI does
+        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
+        profiles.append(torch.exp(x**2 / (-2 * (sigma_scale * n) ** 2)))
+    weight = functools.reduce(lambda acc, p: acc[..., None] * p, profiles)
+    return weight.clamp_(min=1e-3).to(dtype)  # every voxel keeps weight: the blend divides by it
+
+
+def _check_overlap(overlap: float) -> None:
+    if not 0 <= overlap < 1:  # also rejects NaN
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+
+
+def window_starts(
+    size: tuple[int, ...], roi: tuple[int, ...], overlap: float
+) -> list[tuple[int, ...]]:
+    """First voxel of each window over ``size`` (padded to at least ``roi``); last axis fastest."""
+    _check_overlap(overlap)
+    if len(size) != len(roi) or any(s < r for s, r in zip(size, roi)):
+        raise InputShapeError(f"size {tuple(size)} must match roi {tuple(roi)}, none smaller")
+    per_axis = []
+    for s, r in zip(size, roi):
+        step = max(int(r * (1 - overlap)), 1)  # as MONAI, float rounding too: 10, 0.8 -> 1
+        count = -(-(s - r) // step) + 1  # fewest windows whose last one reaches the border
+        per_axis.append([min(i * step, s - r) for i in range(count)])
+    return list(itertools.product(*per_axis))
+
+
+@torch.no_grad()  # never differentiated: a graph per window would defeat the memory bound
+def sliding_window_inference(
+    image: Tensor,
+    roi: Sequence[int],
+    predictor: Predictor,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    sigma_scale: float = 0.125,
+    window_device: Device = None,
+    output_device: Device = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """Blend ``predictor`` over windows of ``image`` (C, *spatial) into float32 (K, *spatial).
+
+    ``predictor`` maps (B, C, *roi) to (B, K, *roi) on ``window_device``; the blend is kept on
+    ``output_device`` (both default to the image's device), so a GPU can predict while the CPU holds
+    a volume too large for GPU memory. ``progress(done, total)`` is called after every batch.
+    """
+    roi = tuple(int(r) for r in roi)
+    if image.ndim != len(roi) + 1:
+        raise InputShapeError(
+            f"image must be (C, *spatial) with {len(roi)} spatial axes for roi {roi}, "
+            f"got shape {tuple(image.shape)}"
+        )
+    if min(roi) < 1:
+        raise ConfigError(f"roi sizes must be positive, got {roi}")
+    if sw_batch_size < 1:
+        raise ConfigError(f"sw_batch_size must be at least 1, got {sw_batch_size}")
+    _check_overlap(overlap)
+    window_device = torch.device(window_device or image.device)
+    output_device = torch.device(output_device or image.device)
+
+    spatial = tuple(image.shape[1:])
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(spatial, roi)]
+    padded = any(before or after for before, after in pads)
+    if padded:  # F.pad lists the last axis first
+        image = F.pad(image, [p for pair in reversed(pads) for p in pair])
+    size = tuple(image.shape[1:])
+
+    starts = window_starts(size, roi, overlap)
+    weight = gaussian_importance(roi, sigma_scale, device=window_device)
+    weight_out = weight.to(output_device)
+    weight_sum = torch.zeros(size, dtype=torch.float32, device=output_device)
+    output: Tensor | None = None
+    for first in range(0, len(starts), sw_batch_size):
+        boxes = [
+            tuple(slice(a, a + r) for a, r in zip(start, roi))
+            for start in starts[first : first + sw_batch_size]
+        ]
+        batch = torch.stack([image[(slice(None), *box)] for box in boxes]).to(window_device)
+        pred = predictor(batch)
+        if pred.ndim != batch.ndim or pred.shape[0] != len(boxes) or pred.shape[2:] != roi:
+            raise InputShapeError(
+                f"predictor must map {tuple(batch.shape)} to (B, K, *roi), "
+                f"returned {tuple(pred.shape)}"
+            )
+        pred = (pred.float() * weight).to(output_device)  # float32 even if predicted in float16
+        if output is None:  # K is known only now
+            output = torch.zeros((pred.shape[1], *size), dtype=torch.float32, device=output_device)
+        for box, window in zip(boxes, pred):
+            output[(slice(None), *box)] += window
+            weight_sum[box] += weight_out
+        del batch, pred, window  # `window` is a view: it too would keep this batch alive
+        if progress is not None:
+            progress(min(first + sw_batch_size, len(starts)), len(starts))
+
+    assert output is not None  # there is always at least one window
+    output /= weight_sum
+    if not padded:
+        return output
+    crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
+    return output[(slice(None), *crop)].clone()  # clone: do not pin the padded storage
+
+
+def mirror_tta(predictor: Predictor, spatial_dims: int = 3) -> Predictor:
+    """Wrap ``predictor`` to average over all 2**spatial_dims flips of the spatial axes (nnU-Net).
+
+    Each flipped input's prediction is flipped back before averaging; the average is float32.
+    """
+    if spatial_dims < 1:
+        raise ConfigError(f"spatial_dims must be at least 1, got {spatial_dims}")
+    axes = range(2, 2 + spatial_dims)
+    flips = [dims for k in range(spatial_dims + 1) for dims in itertools.combinations(axes, k)]
+
+    def mirrored(x: Tensor) -> Tensor:
+        if x.ndim != spatial_dims + 2:
+            raise InputShapeError(f"expected (B, C) + {spatial_dims} spatial axes, got {x.shape}")
+        total: Tensor | None = None
+        for dims in flips:
+            y = predictor(x.flip(dims) if dims else x)
+            y = (y.flip(dims) if dims else y).float()
+            total = y if total is None else total + y  # not in place: y may be the predictor's
+        assert total is not None
+        return total / len(flips)
+
+    return mirrored
