@@ -308,12 +308,27 @@ def test_truncated_gzip(tmp_path: Path, cut: float) -> None:
     _assert_input_error(tmp_path / "cut.nii.gz")
 
 
-def test_corrupt_gzip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["middle", "crc"])
+def test_corrupt_gzip(tmp_path: Path, where: str) -> None:
+    """Damage that zlib may decode without complaint is still caught: the CRC is checked."""
     raw = bytearray(_valid_gz(tmp_path))
-    middle = len(raw) // 2
-    raw[middle : middle + 64] = bytes(64)
+    if where == "middle":
+        middle = len(raw) // 2
+        raw[middle : middle + 64] = bytes(64)
+    else:
+        raw[-6] ^= 0xFF  # gzip trailer: CRC-32 then length, 4 bytes each
     (tmp_path / "bad.nii.gz").write_bytes(bytes(raw))
     _assert_input_error(tmp_path / "bad.nii.gz", "corrupt")
+
+
+def test_nifti2_is_read_with_its_geometry(tmp_path: Path) -> None:
+    affine = AFFINES["oblique"]
+    img = nib.Nifti2Image(_volume(), affine)
+    img.header.set_qform(affine, code=1)
+    nib.save(img, tmp_path / "n2.nii.gz")
+    image = read_image(tmp_path / "n2.nii.gz")
+    np.testing.assert_allclose(image.affine, affine, atol=1e-5)
+    assert isinstance(image.header, nib.Nifti1Header) and int(image.header["qform_code"]) == 1
 
 
 def test_truncated_uncompressed(tmp_path: Path) -> None:

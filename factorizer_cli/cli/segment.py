@@ -71,6 +71,9 @@ def resolve_inputs(inputs: list[str], modality: list[str], specs) -> list[Path]:
     files, names = split_modality_names(inputs, modality)
     if not files:
         raise InputError("no input images given; pass a case folder or one file per modality")
+    for file in files:
+        if not Path(file).exists():
+            raise InputError(f"{file}: no such file or folder; check the path")
     if len(files) == 1 and Path(files[0]).is_dir() and not names:
         return list(find_modalities(files[0], specs).values())
     if not names:
@@ -78,8 +81,8 @@ def resolve_inputs(inputs: list[str], modality: list[str], specs) -> list[Path]:
             return [Path(files[0])]
         expected = " ".join(name for name, _ in specs)
         raise InputError(
-            f"{len(files)} files given without --modality; say which is which, e.g. --modality {expected}"
-            ", or pass the case folder"
+            f"{len(files)} input files but no --modality; say which is which, e.g. --modality "
+            f"{expected}, or pass the case folder"
         )
     canonical = match_modalities(names, specs)
     if len(files) != len(canonical):
