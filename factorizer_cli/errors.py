@@ -34,3 +34,7 @@ class OutputError(FactorizerError):
 
 class DeviceError(FactorizerError):
     """A compute device or precision that this machine cannot provide."""
+
+
+class DownloadError(FactorizerError):
+    """Weights that cannot be fetched (offline, network failure) or fail their checksum."""

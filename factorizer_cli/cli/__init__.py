@@ -58,7 +58,8 @@ def info() -> None:
     typer.echo(f"CUDA: {'yes, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
 
 
-from . import segment as _segment  # noqa: E402  (registers the command on ``app``)
+from . import models as _models  # noqa: E402,F401  (register the commands on ``app``)
+from . import segment as _segment  # noqa: E402,F401
 
 
 def main() -> None:

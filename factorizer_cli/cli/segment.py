@@ -16,7 +16,7 @@ from ..io import check_output_path, find_modalities, match_modalities, read_imag
 from ..io.images import atomic_path, nifti_suffix
 from ..pipeline.preview import write_preview
 from ..pipeline.segment import InferenceOptions, Segmentation, Segmenter
-from ..zoo.package import open_package
+from ..zoo.resolve import resolve_model
 from . import app
 from .console import error_console, friendly_errors, progress_bar
 
@@ -131,12 +131,17 @@ def segment(
     output: Annotated[Path, typer.Option(
         "--output", "-o", help="Label map to write (.nii.gz): uint8, the input's exact geometry.",
         show_default=False, rich_help_panel=IO_PANEL)],
-    model: Annotated[Path, typer.Option(
-        "--model", help="Model folder (card.json and weights).", show_default=False,
-        rich_help_panel=IO_PANEL)],
+    model: Annotated[str, typer.Option(
+        "--model", help="Zoo name, model folder, hf://ORG/REPO[@REV], or a checkpoint with --card.",
+        show_default=False, rich_help_panel=IO_PANEL)],
     modality: Annotated[Optional[list[str]], typer.Option(
         "--modality", "-m", help="Modality of each input file, in order: e.g. t1 t1ce t2 flair.",
         show_default=False, rich_help_panel=IO_PANEL)] = None,
+    card: Annotated[Optional[str], typer.Option(
+        help="Model card (JSON file or zoo name) for a checkpoint given as --model.", show_default=False,
+        rich_help_panel=IO_PANEL)] = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="Use only cached weights (also: HF_HUB_OFFLINE=1).", rich_help_panel=IO_PANEL)] = False,
     overlap: Annotated[Optional[float], typer.Option(
         min=0.0, max=0.95, help="Sliding-window overlap (default: the model's, usually 0.5).",
         rich_help_panel=INFERENCE_PANEL)] = None,
@@ -178,9 +183,14 @@ def segment(
     fails.
     """
     started = time.perf_counter()
-    package = open_package(model)
-    card = package.card
-    paths = resolve_inputs(inputs, modality or [], card.modality_specs)
+    resolved = resolve_model(model, card=card, offline=offline)
+    package = resolved.package
+    model_card = package.card
+    for source in resolved.unverified:
+        error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
+                              f"`factorizer models verify {model_card.name}` records the hash you trust",
+                              highlight=False)
+    paths = resolve_inputs(inputs, modality or [], model_card.modality_specs)
     extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
     _check_outputs([(output, "nifti"), *extra], paths)
 
@@ -201,7 +211,7 @@ def segment(
     if stats:
         write_stats(stats, result, paths, str(segmenter.device))
     if preview:
-        flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
+        flair = next((i for i, m in enumerate(model_card.modalities) if m.matches("flair")), 0)
         background = images[flair] if images[flair].array.shape == images[0].array.shape else images[0]
         write_preview(preview, background.array, result.labels, result.reference.affine)
     if not quiet:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class ModelCard:
     description: str = ""
     license: str = ""
     citation: str = ""
+    provenance: str = ""
     label_conventions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     label_names: Mapping[str, str] = field(default_factory=dict)
     weights: tuple[Mapping[str, Any], ...] = ()
@@ -117,6 +119,7 @@ class ModelCard:
                 description=data.get("description", ""),
                 license=data.get("license", ""),
                 citation=data.get("citation", ""),
+                provenance=data.get("provenance", ""),
                 label_conventions=dict(data.get("label_conventions", {})),
                 label_names=dict(data.get("label_names", {})),
                 weights=tuple(data.get("weights", ())),
@@ -131,8 +134,8 @@ class ModelCard:
         return data
 
     @classmethod
-    def load(cls, path: str | Path) -> ModelCard:
-        path = Path(path)
+    def load(cls, path: str | Path | Traversable) -> ModelCard:
+        """Read a card from a file (or an installed resource)."""
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as err:

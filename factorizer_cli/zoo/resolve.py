@@ -1,0 +1,125 @@
+"""From what a user types after ``--model`` to a loaded-ready model package.
+
+Accepted: a zoo name (``isles22-swin-factorizer``), a model folder (``card.json`` + safetensors),
+``hf://ORG/REPO[@REVISION]`` (a model package published on the Hugging Face hub), or an upstream
+checkpoint file together with a card. Upstream checkpoints are converted once into our package format
+(safetensors) in the cache, so later runs load tensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import ConfigError, DownloadError
+from . import cache
+from .card import ModelCard
+from .package import CARD_FILE, ModelPackage, open_package, save_package
+from .registry import zoo_card, zoo_names
+from .upstream import load_upstream
+from .weights import FetchedWeight, fetch
+
+Progress = Callable[[str, int, int | None], None]  # (file label, bytes so far, total)
+UPSTREAM_FORMATS = ("lightning-ckpt", "state-dict", "bundle")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    package: ModelPackage
+    unverified: tuple[str, ...] = ()  # weight sources used without a known hash
+
+
+def resolve_model(spec: str | Path, card: str | Path | None = None, offline: bool = False,
+                  progress: Progress | None = None) -> ResolvedModel:
+    offline = cache.offline(offline)
+    text = str(spec)
+    if text.startswith("hf://"):
+        return _from_hub_package(text[len("hf://"):], offline, progress)
+    path = Path(text)
+    if path.is_dir():
+        return ResolvedModel(open_package(path))
+    if path.is_file():
+        if card is None:
+            raise ConfigError(f"{path}: a checkpoint needs a model card: add --card CARD.json (or a zoo name)")
+        return ResolvedModel(import_cached(path, load_card(card)))
+    if text in zoo_names():
+        return fetch_zoo_model(zoo_card(text), offline, progress)
+    raise ConfigError(
+        f"model {text!r} is not a model folder, a checkpoint file, hf://ORG/REPO or a zoo name "
+        f"({', '.join(zoo_names())})"
+    )
+
+
+def load_card(card: str | Path) -> ModelCard:
+    """A card from a JSON file, or a zoo name (its architecture and metadata)."""
+    return ModelCard.load(Path(card)) if Path(card).is_file() else zoo_card(str(card))
+
+
+def fetch_weights(card: ModelCard, offline: bool = False, progress: Progress | None = None) -> list[FetchedWeight]:
+    fetched = []
+    for i, entry in enumerate(card.weights):
+        label = f"{card.name} fold {entry.get('fold', i)}"
+        fetched.append(fetch(entry, card.name, offline,
+                             (lambda done, total, label=label: progress(label, done, total)) if progress else None))
+    return fetched
+
+
+def fetch_zoo_model(card: ModelCard, offline: bool = False, progress: Progress | None = None) -> ResolvedModel:
+    """Download (or find) a zoo model's weights, check them, convert upstream formats once."""
+    if not card.weights:
+        raise ConfigError(f"model card {card.name!r} lists no weights")
+    fetched = fetch_weights(card, offline, progress)
+    unverified = tuple(cache.source_key(e) for e, f in zip(card.weights, fetched) if f.status == "unverified")
+    formats = {e.get("format", "safetensors") for e in card.weights}
+    if formats <= {"safetensors"}:
+        entries = tuple({**e, "sha256": f.sha256} for e, f in zip(card.weights, fetched))
+        package = ModelPackage(replace(card, weights=entries), tuple(f.path for f in fetched), fetched[0].path.parent)
+        return ResolvedModel(package, unverified)
+    key = hashlib.sha256("".join(f.sha256 for f in fetched).encode()).hexdigest()[:16]
+    folder = cache.home() / "models" / card.name / key
+    if (folder / CARD_FILE).is_file():
+        return ResolvedModel(open_package(folder), unverified)
+    return ResolvedModel(convert(card, [f.path for f in fetched], folder), unverified)
+
+
+def convert(card: ModelCard, checkpoints: Sequence[Path], folder: Path) -> ModelPackage:
+    """Upstream checkpoints (one per fold) into our package at ``folder``, through the safe loader."""
+    state_dicts = [load_upstream(path, card.architecture).state_dict() for path in checkpoints]
+    sources = [{"converted_from": str(path)} for path in checkpoints]
+    package = save_package(folder, replace(card, weights=tuple(sources)), state_dicts)
+    return package
+
+
+def import_cached(checkpoint: Path, card: ModelCard) -> ModelPackage:
+    """A checkpoint given with ``--card``: converted once, cached by the checkpoint's hash."""
+    from .weights import sha256_of
+
+    key = sha256_of(checkpoint)[:16]
+    folder = cache.home() / "imports" / card.name / key
+    if (folder / CARD_FILE).is_file():
+        return open_package(folder)
+    return convert(card, [checkpoint], folder)
+
+
+def _from_hub_package(reference: str, offline: bool, progress: Progress | None) -> ResolvedModel:
+    """``ORG/REPO[@REV]``: the repo holds ``card.json`` and the safetensors files it lists."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, revision = reference.partition("@")
+    try:
+        card_path = Path(hf_hub_download(repo, CARD_FILE, revision=revision or "main",
+                                         endpoint=os.environ.get("HF_ENDPOINT"),
+                                         cache_dir=cache.hub_cache_dir(), local_files_only=offline))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DownloadError(f"hf://{reference}: cannot get its {CARD_FILE} ({first})") from None
+    commit = card_path.parent.name  # snapshots/<commit>/card.json: pin the weights to the same commit
+    card = ModelCard.load(card_path)
+    entries = tuple({"source": "hub", "repo": repo, "filename": e["file"], "revision": commit,
+                     "sha256": e.get("sha256"), "format": e.get("format", "safetensors")}
+                    for e in card.weights)
+    return fetch_zoo_model(replace(card, weights=entries), offline, progress)
