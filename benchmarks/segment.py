@@ -1,23 +1,21 @@
 """The whole `segment` job on CPU, read to write: ours against the equivalent MONAI pipeline.
 
-A seeded BraTS-sized case (t1n, t1c, t2w, t2f; 240x240x155, 1 mm, int16, stored as BraTS stores it:
-affine diag(-1, -1, 1), origin (0, 239, 0)) is written as .nii.gz: an ellipsoidal brain (grey and
-white matter, ventricles, noise), zero outside, and an off-centre tumour (oedema, enhancing rim,
-necrosis). Both sides segment it with the same network and weights, saved as our model package:
+A seeded BraTS-sized case (t1n, t1c, t2w, t2f; 240x240x155, 1 mm, int16, BraTS's affine diag(-1,
+-1, 1) at (0, 239, 0)) as .nii.gz: an ellipsoidal brain (grey and white matter, ventricles, noise),
+zero outside, an off-centre tumour (oedema, enhancing rim, necrosis). Both sides segment it with
+the same network and weights, saved as our model package:
 
-- ours: ``Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))`` on the images
-  from ``factorizer_cli.io.read_image``, then ``Segmentation.write``: what `factorizer segment` does;
+- ours: ``Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))`` on images
+  from ``factorizer_cli.io.read_image``, then ``Segmentation.write``: `factorizer segment`'s work;
 - MONAI: LoadImaged (4 files) -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(1 mm) ->
   NormalizeIntensityd(nonzero, channel-wise) -> sliding_window_inference(128^3, overlap 0.5,
   gaussian, sigmoid of ``net.predict``) -> Invertd -> threshold 0.5 -> BraTS labels -> SaveImage.
 
 The network is the seed README's Swin Factorizer (see benchmarks/forward.py), seeded random weights;
 ``--trivial`` swaps in a 1x1x1 Conv3d oracle (WT: FLAIR bright, TC: T1 dark, ET: T1c bright), so the
-time is the pipeline's overhead and both label maps must equal the phantom's truth. Each measurement
-runs in a fresh process (peak RSS above the process's RSS before reading the images); rounds
-alternate. Printed: median seconds, peak MiB, overhead (all but the sliding window; everything with
---trivial), whether the output has the input's grid, Dice against the truth, and how far the two
-label maps agree.
+time is the pipeline's overhead and both label maps must equal the phantom's truth. Each run is a
+fresh process (peak RSS above the RSS before reading the images); rounds alternate. Printed: median
+seconds, peak MiB, overhead, output grid check, Dice vs truth, agreement of the two label maps.
 
     python benchmarks/segment.py --trivial                              # about half a minute
     python benchmarks/segment.py --rounds 2 --json /tmp/segment.json   # full network, minutes
@@ -40,18 +38,23 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from factorizer_cli.io import read_image
+from factorizer_cli.nn.config import build
+from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
+from factorizer_cli.zoo.card import ModelCard
+from factorizer_cli.zoo.package import open_package, save_package
 
 MODALITIES = ["t1n", "t1c", "t2w", "t2f"]
 AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
-CONV = {"class": "Conv3d"}
+CONV, ROI = {"class": "Conv3d"}, [128, 128, 128]
 SEED_NETWORK = {  # the seed README's Swin Factorizer, as data
-    "class": "SegmentationFactorizer", "in_channels": 4, "out_channels": 3,
-    "spatial_size": [128] * 3, "encoder_depth": [1] * 5, "encoder_width": [32, 64, 128, 256, 512],
-    "strides": [1, 2, 2, 2, 2], "decoder_depth": [1] * 4,
-    "stem": {**CONV, "kernel_size": 3, "padding": 1, "bias": False},
-    "downsample": {**CONV, "kernel_size": 2, "bias": False},
-    "upsample": {"class": "ConvTranspose3d", "kernel_size": 2}, "head": {**CONV, "kernel_size": 1},
-    "num_deep_supr": 3, "dropout": 0.1,
+    "class": "SegmentationFactorizer", "in_channels": 4, "out_channels": 3, "spatial_size": ROI,
+    "encoder_depth": [1] * 5, "encoder_width": [32, 64, 128, 256, 512], "strides": [1, 2, 2, 2, 2],
+    "decoder_depth": [1] * 4, "stem": {**CONV, "kernel_size": 3, "padding": 1, "bias": False},
+    "downsample": {**CONV, "kernel_size": 2, "bias": False}, "head": {**CONV, "kernel_size": 1},
+    "upsample": {"class": "ConvTranspose3d", "kernel_size": 2}, "num_deep_supr": 3, "dropout": 0.1,
     "nmf": {"class": "FactorizerSubblock", "act": {"class": "ReLU"}, "factorize": {"class": "NMF"},
             "tensorize": {"class": "SWMatricize", "head_dim": 8, "patch_size": 8}, "rank": 1,
             "num_iters": 5, "init": "uniform", "solver": "hals", "dropout": 0.1},
@@ -68,19 +71,18 @@ def make_case(folder: Path, seed: int = 0) -> tuple[list[Path], np.ndarray, np.n
     def inside(c, r):
         return ((i - c[0]) / r[0]) ** 2 + ((j - c[1]) / r[1]) ** 2 + ((k - c[2]) / r[2]) ** 2 < 1
 
-    centre, tumour = (120, 128, 70), (150, 96, 88)
-    regions = [inside(tumour, (8, 7, 6)), inside(tumour, (14, 12, 11)), inside(tumour, (26, 22, 20)),
-               inside((120, 132, 78), (9, 22, 10)), inside(centre, (54, 68, 48)),
-               inside(centre, (70, 85, 65))]
-    tissue = np.select(regions, [6, 5, 4, 3, 2, 1], 0)
+    c, t = (120, 128, 70), (150, 96, 88)  # brain and tumour centres
+    tissue = np.select([inside(t, (8, 7, 6)), inside(t, (14, 12, 11)), inside(t, (26, 22, 20)),
+                        inside((120, 132, 78), (9, 22, 10)), inside(c, (54, 68, 48)),
+                        inside(c, (70, 85, 65))], [6, 5, 4, 3, 2, 1], 0)
     # t1n, t1c, t2w, t2f of: background, GM, WM, CSF, oedema, enhancing rim, necrosis
     table = np.array([[0, 0, 0, 0], [600, 620, 900, 700], [850, 870, 650, 550],
                       [420, 430, 1800, 150], [560, 580, 1400, 1400], [260, 1800, 1200, 1100],
-                      [120, 200, 1700, 900]], np.float32)
+                      [120, 200, 1700, 900]])
     folder.mkdir(parents=True)
     paths = []
-    for c, name in enumerate(MODALITIES):
-        noisy = table[tissue, c] * (1 + 0.03 * rng.standard_normal(shape, np.float32))
+    for channel, name in enumerate(MODALITIES):
+        noisy = table[tissue, channel] * (1 + 0.03 * rng.standard_normal(shape, np.float32))
         image = nib.Nifti1Image(np.rint(noisy).astype(np.int16), AFFINE)
         image.set_qform(AFFINE, code=1)
         image.set_sform(AFFINE, code=1)
@@ -90,32 +92,22 @@ def make_case(folder: Path, seed: int = 0) -> tuple[list[Path], np.ndarray, np.n
 
 
 def make_package(folder: Path, trivial: bool) -> None:
-    from factorizer_cli.nn.config import build
-    from factorizer_cli.zoo.card import ModelCard
-    from factorizer_cli.zoo.package import save_package
-
     torch.manual_seed(0)
     net = build(TRIVIAL_NETWORK if trivial else SEED_NETWORK)
     if trivial:  # logit 20 (z - t): TC: T1 z < -2.75, WT: FLAIR z > 2.2, ET: T1c z > 4
         weight = torch.zeros(3, 4, 1, 1, 1)
         weight[0, 0], weight[1, 3], weight[2, 1] = -20.0, 20.0, 20.0
         net.load_state_dict({"weight": weight, "bias": torch.tensor([-55.0, -44.0, -80.0])})
-    inputs = [{"name": "t1n", "aliases": ["t1"]}, {"name": "t1c", "aliases": ["t1ce"]},
-              {"name": "t2w", "aliases": ["t2"]}, {"name": "t2f", "aliases": ["flair"]}]
-    labels = [{"region": "WT", "label": 2}, {"region": "TC", "label": 1},
-              {"region": "ET", "label": 3}]
+    inputs = [{"name": n, "aliases": [a]} for n, a in zip(MODALITIES, "t1 t1ce t2 flair".split())]
+    labels = [{"region": r, "label": n} for r, n in (("WT", 2), ("TC", 1), ("ET", 3))]
     save_package(folder, ModelCard.from_dict({
-        "name": "bench", "task": "brats", "inputs": inputs, "spacing": [1.0] * 3, "roi": [128] * 3,
+        "name": "bench", "task": "brats", "inputs": inputs, "spacing": [1.0] * 3, "roi": ROI,
         "outputs": ["TC", "WT", "ET"], "labels": labels, "activation": "sigmoid", "overlap": 0.5,
         "architecture": TRIVIAL_NETWORK if trivial else SEED_NETWORK,
     }), [net.state_dict()])
 
 
 def ours(paths, model, out):
-    from factorizer_cli.io import read_image
-    from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
-    from factorizer_cli.zoo.package import open_package
-
     segmenter = Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))
 
     def job(clock):
@@ -134,10 +126,6 @@ def monai(paths, model, out):
     from monai.inferers import sliding_window_inference
     from monai.transforms import (Compose, EnsureChannelFirstd, Invertd, LoadImaged,
                                   NormalizeIntensityd, Orientationd, SaveImage, Spacingd)
-    from safetensors.torch import load_file
-
-    from factorizer_cli.nn.config import build
-    from factorizer_cli.zoo.package import open_package
 
     package = open_package(model)
     net = build(dict(package.card.architecture))
@@ -156,7 +144,7 @@ def monai(paths, model, out):
         data = pre({"image": [str(p) for p in paths]})
         clock("read + preprocess")
         data["pred"] = sliding_window_inference(
-            data["image"][None], (128, 128, 128), 1, lambda x: torch.sigmoid(forward(x)),
+            data["image"][None], ROI, 1, lambda x: torch.sigmoid(forward(x)),
             overlap=0.5, mode="gaussian")[0]
         clock("inference")
         pred = invert(data)["pred"]
@@ -170,48 +158,38 @@ def monai(paths, model, out):
     return job
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def worker(args: argparse.Namespace) -> None:
     """One implementation, one case, in this fresh process; timings and memory to OUT.json."""
     warnings.simplefilter("ignore", FutureWarning)  # MONAI's notice on Orientationd's `labels`
     torch.set_num_threads(args.threads)
     job = (ours if args.worker == "ours" else monai)(args.paths, args.model, args.out)
-    seconds, marks = {}, []
+    rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    seconds, marks = {}, [time.perf_counter()]
 
     def clock(stage):  # wall time since the previous mark
         marks.append(time.perf_counter())
         seconds[stage] = marks[-1] - marks[-2]
-
-    rss_before = _rss_mib()
-    marks.append(time.perf_counter())
     with torch.inference_mode():
-        inner = job(clock)
-    total = time.perf_counter() - marks[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
-    Path(args.out + ".json").write_text(json.dumps({
-        "total_s": total, "peak_mib": peak, "stages_s": {**seconds, **inner},
-        "network_s": {**seconds, **inner}["inference"]}))
+        seconds.update(job(clock))
+    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before) / 2**20
+    Path(args.out + ".json").write_text(json.dumps(
+        {"total_s": marks[-1] - marks[0], "peak_mib": peak_mib, "stages_s": seconds}))
 
 
-def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
+def dice(a: np.ndarray, b: np.ndarray, label: int) -> float:  # 1.0 where neither has the label
     x, y = a == label, b == label
-    return 2 * float((x & y).sum()) / max(int(x.sum() + y.sum()), 1)
+    return 2 * float((x & y).sum()) / int(x.sum() + y.sum()) if x.any() or y.any() else 1.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trivial", action="store_true", help="1x1x1 conv: pipeline overhead")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
-    for hidden in ("--worker", "--model", "--out"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
-    parser.add_argument("--paths", nargs=4, help=argparse.SUPPRESS)
+    for hidden, nargs in (("--worker", None), ("--model", None), ("--out", None), ("--paths", 4)):
+        parser.add_argument(hidden, nargs=nargs, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -223,15 +201,15 @@ def main() -> None:
         for round_ in range(args.rounds):
             for impl in impls if round_ % 2 == 0 else impls[::-1]:
                 out = f"{tmp}/{impl}.nii.gz"
-                subprocess.run([sys.executable, __file__, "--worker", impl, "--model", f"{tmp}/model",
-                                "--out", out, "--threads", str(args.threads),
+                subprocess.run([sys.executable, __file__, "--worker", impl, "--model",
+                                f"{tmp}/model", "--out", out, "--threads", str(args.threads),
                                 "--paths", *map(str, paths)], check=True)
                 r = json.loads(Path(out + ".json").read_text())
                 runs[impl].append(r)
-                print(f"round {round_ + 1} {impl:>5}: {r['total_s']:.2f} s, +{r['peak_mib']:.0f} MiB; "
+                print(f"round {round_ + 1} {impl}: {r['total_s']:.2f} s, +{r['peak_mib']:.0f} MiB; "
                       + ", ".join(f"{k} {v:.2f}" for k, v in r["stages_s"].items()), flush=True)
         outputs = {impl: nib.load(f"{tmp}/{impl}.nii.gz") for impl in impls}
-        labels = {impl: np.asarray(img.dataobj) for impl, img in outputs.items()}
+        labels = {impl: np.asarray(img.dataobj) for impl, img in outputs.items()}  # read while here
 
     network = "trivial 1x1x1 conv" if args.trivial else "seed README Swin Factorizer"
     summary = {"network": network, "threads": args.threads, "torch": torch.__version__}
@@ -243,8 +221,8 @@ def main() -> None:
         summary[impl] = s = {
             "median_s": statistics.median(r["total_s"] for r in rs), "runs": rs,
             "max_peak_mib": max(r["peak_mib"] for r in rs),
-            "overhead_s": statistics.median(r["total_s"] - r["network_s"] * (not args.trivial)
-                                            for r in rs),
+            "overhead_s": statistics.median(  # all but the sliding window; everything if trivial
+                r["total_s"] - (not args.trivial) * r["stages_s"]["inference"] for r in rs),
             "geometry_ok": bool(img.shape == truth.shape and np.allclose(img.affine, AFFINE)
                                 and img.get_data_dtype() == np.uint8),
             "dice_vs_truth": [dice(labels[impl], truth, lab) for lab in (1, 2, 3)],

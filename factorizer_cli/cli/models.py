@@ -107,7 +107,7 @@ def _download_progress() -> Progress:
 @models_app.command()
 @friendly_errors
 def download(
-    name: Annotated[str, typer.Argument(help="Zoo name.")],
+    name: Annotated[str, typer.Argument(help="Zoo name (or a model card JSON file).")],
     revision: Annotated[Optional[str], typer.Option(
         help="Hub revision (commit, branch or tag) instead of the card's pinned one.")] = None,
 ) -> None:
@@ -115,7 +115,7 @@ def download(
 
     Example: `factorizer models download isles22-swin-factorizer`
     """
-    card = zoo_card(name)
+    card = load_card(name)
     if revision:
         from dataclasses import replace
 
@@ -136,13 +136,13 @@ def download(
 
 @models_app.command()
 @friendly_errors
-def verify(name: Annotated[str, typer.Argument(help="Zoo name.")]) -> None:
+def verify(name: Annotated[str, typer.Argument(help="Zoo name (or a model card JSON file).")]) -> None:
     """Check the cached weights of a model against their sha256.
 
     For weights without a published checksum, records the hash of your download as trusted: later
     loads then refuse a file that changes. Compare the printed hash with a reference you trust first.
     """
-    card = zoo_card(name)
+    card = load_card(name)
     failed = False
     for entry in card.weights:
         key, path = cache.source_key(entry), local_path(entry, card.name)
@@ -166,9 +166,9 @@ def verify(name: Annotated[str, typer.Argument(help="Zoo name.")]) -> None:
 
 @models_app.command()
 @friendly_errors
-def remove(name: Annotated[str, typer.Argument(help="Zoo name.")]) -> None:
+def remove(name: Annotated[str, typer.Argument(help="Zoo name (or a model card JSON file).")]) -> None:
     """Delete a model's cached weights, converted packages and trust records."""
-    card = zoo_card(name)
+    card = load_card(name)
     removed = 0
     for entry in card.weights:
         path = local_path(entry, card.name)
@@ -178,11 +178,11 @@ def remove(name: Annotated[str, typer.Argument(help="Zoo name.")]) -> None:
             if target != path:
                 target.unlink(missing_ok=True)
             removed += 1
-    for folder in (cache.home() / "downloads" / name, cache.home() / "models" / name):
+    for folder in (cache.home() / "downloads" / card.name, cache.home() / "models" / card.name):
         if folder.is_dir():
             shutil.rmtree(folder)
     cache.forget([cache.source_key(e) for e in card.weights])
-    typer.echo(f"{name}: removed {removed} weight file(s) and cached conversions")
+    typer.echo(f"{card.name}: removed {removed} weight file(s) and cached conversions")
 
 
 @models_app.command("import")

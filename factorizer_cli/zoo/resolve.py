@@ -20,7 +20,7 @@ from .card import ModelCard
 from .package import CARD_FILE, ModelPackage, open_package, save_package
 from .registry import zoo_card, zoo_names
 from .upstream import load_upstream
-from .weights import FetchedWeight, fetch
+from .weights import FetchedWeight, fetch, is_network_error, offline_hint
 
 Progress = Callable[[str, int, int | None], None]  # (file label, bytes so far, total)
 UPSTREAM_FORMATS = ("lightning-ckpt", "state-dict", "bundle")
@@ -107,14 +107,20 @@ def import_cached(checkpoint: Path, card: ModelCard) -> ModelPackage:
 def _from_hub_package(reference: str, offline: bool, progress: Progress | None) -> ResolvedModel:
     """``ORG/REPO[@REV]``: the repo holds ``card.json`` and the safetensors files it lists."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     repo, _, revision = reference.partition("@")
     try:
         card_path = Path(hf_hub_download(repo, CARD_FILE, revision=revision or "main",
                                          endpoint=os.environ.get("HF_ENDPOINT"),
                                          cache_dir=cache.hub_cache_dir(), local_files_only=offline))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+    except LocalEntryNotFoundError:
+        if not offline:
+            raise DownloadError(f"hf://{reference}: cannot reach the hub and it is not in the cache") from None
+        raise DownloadError(offline_hint(f"hf://{reference}", f"factorizer segment ... --model hf://{reference}")) from None
+    except Exception as err:
+        if not is_network_error(err):
+            raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DownloadError(f"hf://{reference}: cannot get its {CARD_FILE} ({first})") from None
     commit = card_path.parent.name  # snapshots/<commit>/card.json: pin the weights to the same commit

@@ -68,19 +68,19 @@ def local_path(entry: Mapping[str, Any], model: str) -> Path | None:
 def fetch(entry: Mapping[str, Any], model: str, offline: bool = False,
           progress: Progress | None = None) -> FetchedWeight:
     """The weight file on disk, downloaded if needed (unless offline), with its hash checked."""
+    offline = cache.offline(offline)
     path = local_path(entry, model)
     if path is None:
         if offline:
-            raise DownloadError(
-                f"{model}: weights not in the cache and offline ({cache.source_key(entry)}); download them "
-                f"on a connected machine with `factorizer models download {model}` and copy "
-                f"{cache.home()} (and the Hugging Face cache) here, or import a checkpoint with "
-                "`factorizer models import`"
-            )
+            raise DownloadError(offline_hint(f"{model}: weights {cache.source_key(entry)}",
+                                             f"factorizer models download {model}"))
         path = _download(entry, model, progress)
     digest = sha256_of(path)
     expected, status = expected_sha256(entry)
     if expected and digest != expected:
+        if entry.get("source") == "package":
+            raise DownloadError(f"{model}: the packaged weights {path} are corrupt (sha256 mismatch); reinstall "
+                                "factorizer-cli")
         _delete(path)
         raise DownloadError(
             f"{model}: {cache.source_key(entry)} has sha256 {digest[:12]}… but {expected[:12]}… was expected; "
@@ -89,19 +89,36 @@ def fetch(entry: Mapping[str, Any], model: str, offline: bool = False,
     return FetchedWeight(path, digest, status)
 
 
+def offline_hint(what: str, fetch_command: str) -> str:
+    """The message for something missing from the cache while offline: how to bring it here."""
+    return (
+        f"{what} not in the cache and offline; on a connected machine run `{fetch_command}` and copy "
+        f"{cache.home()} and the Hugging Face cache ({cache.hub_cache_dir() or '~/.cache/huggingface/hub'}) "
+        "here, or convert a local checkpoint with `factorizer models import`"
+    )
+
+
+def is_network_error(err: BaseException) -> bool:
+    """Errors of the hub client and its HTTP library (httpx or httpx2, by version) and of sockets."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(err, (HfHubHTTPError, OSError)) or type(err).__module__.split(".")[0].startswith("httpx")
+
+
 def _download(entry: Mapping[str, Any], model: str, progress: Progress | None) -> Path:
     if entry["source"] == "url":
         return download_url(entry["url"], cache.home() / "downloads" / model / entry["filename"], progress)
     if entry["source"] == "hub":
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         try:
             return Path(hf_hub_download(
                 entry["repo"], entry["filename"], revision=entry["revision"],
                 endpoint=os.environ.get("HF_ENDPOINT"), cache_dir=cache.hub_cache_dir(),
             ))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        except Exception as err:
+            if not is_network_error(err):
+                raise
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DownloadError(
                 f"{model}: cannot download {cache.source_key(entry)} ({first_line}); check the network, "
