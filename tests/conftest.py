@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import locale
 import os
 from pathlib import Path
 
@@ -22,3 +23,11 @@ def fixture_meta(name: str) -> dict:
             "set FACTORIZER_FIXTURES to run these tests)"
         )
     return json.loads(path.read_text())
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """Writing DICOM test data with SimpleITK (GDCM) switches the process to the C locale."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)

@@ -7,6 +7,7 @@ usual bugs (axis order, LPS vs RAS, a lost sform).
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import struct
 import zlib
@@ -218,7 +219,9 @@ def test_dicom_series_matches_the_nifti_it_was_made_from(tmp_path: Path, name: s
     # ITK's own NIfTI reader does the RAS -> LPS conversion: an oracle independent of ours.
     _write_dicom_series(sitk.ReadImage(str(source)), tmp_path / "dicom")
 
+    locale.setlocale(locale.LC_ALL, "C.UTF-8")  # GDCM's writer above left the process in "C"
     image = read_image(tmp_path / "dicom")
+    assert locale.getpreferredencoding(False) == "UTF-8", "reading DICOM must not change the locale"
     reference = read_image(source)
     assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
     np.testing.assert_allclose(image.header.get_zooms()[:3], reference.spacing, rtol=1e-5)

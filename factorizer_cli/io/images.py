@@ -14,6 +14,7 @@ with a one-line message that names the file and says the fix.
 from __future__ import annotations
 
 import gzip
+import locale
 import os
 import secrets
 import zlib
@@ -205,12 +206,19 @@ def _read_dicom_series(folder: Path) -> Image:
 
 @contextmanager
 def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's warnings, and undo GDCM's ``setlocale(LC_ALL, "C")``.
+
+    GDCM switches the process to the C locale while it reads; left so, Python's default text
+    encoding becomes ASCII for the rest of the run.
+    """
     display = sitk.ProcessObject.GetGlobalWarningDisplay()
+    saved_locale = locale.setlocale(locale.LC_ALL)
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(display)
+        locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 def _read_itk_series(folder: Path) -> sitk.Image:
