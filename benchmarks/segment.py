@@ -124,8 +124,16 @@ def ours(paths, model, out):
 def monai(paths, model, out):
     from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (Compose, EnsureChannelFirstd, Invertd, LoadImaged,
-                                  NormalizeIntensityd, Orientationd, SaveImage, Spacingd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        SaveImage,
+        Spacingd,
+    )
 
     package = open_package(model)
     net = build(dict(package.card.architecture))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .hub_server import hub_server, no_retry_sleep  # noqa: F401  (fixtures for every test module)
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("FACTORIZER_FIXTURES", REPO.parent / "shared" / "fixtures" / "upstream"))
 FIXTURE_NAMES = ("v001_small_seed0", "v002_small_seed0", "head_small_seed0")

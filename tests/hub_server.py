@@ -588,7 +588,7 @@ class HubServer:
         if base and not under:
             raise _Error(404, "EntryNotFound", f"{base} does not exist", commit=sha)
         entries: dict[str, dict[str, Any]] = {}
-        for path, data in sorted(under.items()):
+        for path in sorted(under):
             rel = path[len(prefix):].split("/")
             for depth in range(1, len(rel)):
                 folder = prefix + "/".join(rel[:depth])

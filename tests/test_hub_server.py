@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .hub_server import HubServer, hub_server, no_retry_sleep  # noqa: F401 - fixtures
+from .hub_server import HubServer
 
 REPO = "factorizer/test-model"
 WEIGHTS = "model.safetensors"

@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
 
-from .hub_server import hub_server  # noqa: F401  (fixture)
 from .oracle import oracle_card, phantom, write_case
 from .test_zoo_downloads import _package_files
 

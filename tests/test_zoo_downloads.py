@@ -20,7 +20,6 @@ from factorizer_cli.zoo.resolve import fetch_zoo_model, resolve_model
 from factorizer_cli.zoo.weights import fetch
 
 from .conftest import FIXTURES, fixture_meta
-from .hub_server import hub_server, no_retry_sleep  # noqa: F401  (fixtures)
 from .oracle import oracle_card, oracle_weights
 
 

@@ -6,7 +6,7 @@ raises typed errors that ``console.friendly_errors`` turns into one line on stde
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,7 +36,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option("--version", "-V", help="Print the version and exit.", callback=_print_version,
                      is_eager=True),
     ] = None,

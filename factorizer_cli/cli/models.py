@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -108,7 +108,7 @@ def _download_progress() -> Progress:
 @friendly_errors
 def download(
     name: Annotated[str, typer.Argument(help="Zoo name (or a model card JSON file).")],
-    revision: Annotated[Optional[str], typer.Option(
+    revision: Annotated[str | None, typer.Option(
         help="Hub revision (commit, branch or tag) instead of the card's pinned one.")] = None,
 ) -> None:
     """Download a model's weights into the cache and check their sha256.

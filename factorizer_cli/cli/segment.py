@@ -6,7 +6,7 @@ import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -134,15 +134,15 @@ def segment(
     model: Annotated[str, typer.Option(
         "--model", help="Zoo name, model folder, hf://ORG/REPO[@REV], or a checkpoint with --card.",
         show_default=False, rich_help_panel=IO_PANEL)],
-    modality: Annotated[Optional[list[str]], typer.Option(
+    modality: Annotated[list[str] | None, typer.Option(
         "--modality", "-m", help="Modality of each input file, in order: e.g. t1 t1ce t2 flair.",
         show_default=False, rich_help_panel=IO_PANEL)] = None,
-    card: Annotated[Optional[str], typer.Option(
+    card: Annotated[str | None, typer.Option(
         help="Model card (JSON file or zoo name) for a checkpoint given as --model.", show_default=False,
         rich_help_panel=IO_PANEL)] = None,
     offline: Annotated[bool, typer.Option(
         "--offline", help="Use only cached weights (also: HF_HUB_OFFLINE=1).", rich_help_panel=IO_PANEL)] = False,
-    overlap: Annotated[Optional[float], typer.Option(
+    overlap: Annotated[float | None, typer.Option(
         min=0.0, max=0.95, help="Sliding-window overlap (default: the model's, usually 0.5).",
         rich_help_panel=INFERENCE_PANEL)] = None,
     sw_batch_size: Annotated[int, typer.Option(
@@ -152,24 +152,24 @@ def segment(
         rich_help_panel=INFERENCE_PANEL)] = False,
     device: Annotated[str, typer.Option(
         help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=INFERENCE_PANEL)] = "auto",
-    threads: Annotated[Optional[int], typer.Option(
+    threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads (default: PyTorch's choice).", rich_help_panel=INFERENCE_PANEL)] = None,
     precision: Annotated[Precision, typer.Option(
         help="auto: fp16 mixed precision on CUDA, fp32 elsewhere.", rich_help_panel=INFERENCE_PANEL,
         case_sensitive=False)] = Precision.auto,
-    nmf_iters: Annotated[Optional[int], typer.Option(
+    nmf_iters: Annotated[int | None, typer.Option(
         min=1, help="NMF iterations at inference, fewer is faster (default: as trained).",
         rich_help_panel=INFERENCE_PANEL)] = None,
-    label_convention: Annotated[Optional[str], typer.Option(
+    label_convention: Annotated[str | None, typer.Option(
         help="Relabelling named by the model, e.g. brats2021 (enhancing tumour = 4).",
         rich_help_panel=INFERENCE_PANEL)] = None,
-    probabilities: Annotated[Optional[Path], typer.Option(
+    probabilities: Annotated[Path | None, typer.Option(
         help="Also write the probabilities (4D .nii.gz, one volume per output).", show_default=False,
         rich_help_panel=EXTRA_PANEL)] = None,
-    stats: Annotated[Optional[Path], typer.Option(
+    stats: Annotated[Path | None, typer.Option(
         help="Also write volumes (mL) per label and region as JSON.", show_default=False,
         rich_help_panel=EXTRA_PANEL)] = None,
-    preview: Annotated[Optional[Path], typer.Option(
+    preview: Annotated[Path | None, typer.Option(
         help="Also write a PNG montage of axial slices, labels over FLAIR.", show_default=False,
         rich_help_panel=EXTRA_PANEL)] = None,
     quiet: Annotated[bool, typer.Option(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Union
+from typing import Any
 
-PartialSpec = Union[Callable[..., Any], Sequence[Any]]
+PartialSpec = Callable[..., Any] | Sequence[Any]
 
 
 def partialize(spec: PartialSpec) -> Callable[..., Any]:
