@@ -104,3 +104,39 @@ def test_plain_pickle_file_is_read_with_the_same_restrictions(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(path)
     assert not (tmp_path / "x").exists()
+
+
+def _build_on_global(module: bytes, name: bytes, attribute: bytes) -> bytes:
+    """A pickle that fetches a global and sets an attribute on it (BUILD with slot state)."""
+    key = b"X" + len(attribute).to_bytes(4, "little") + attribute
+    return b"\x80\x02c" + module + b"\n" + name + b"\n" + b"N}" + key + b"\x88s\x86b."
+
+
+def test_pickle_cannot_modify_the_stand_ins_or_torch():
+    import io
+
+    from factorizer_cli.zoo.safe_pickle import Unpickler
+
+    with pytest.raises(UnsafeCheckpointError, match="would modify os.system|would modify posix.system"):
+        Unpickler(io.BytesIO(_build_on_global(b"os", b"system", b"dump_patches"))).load()
+    before = dict(vars(torch._utils._rebuild_tensor_v2))
+    Unpickler(io.BytesIO(_build_on_global(b"torch._utils", b"_rebuild_tensor_v2", b"poisoned"))).load()
+    assert dict(vars(torch._utils._rebuild_tensor_v2)) == before
+
+
+def test_legacy_torch_files_are_refused_before_torch_parses_them(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="only the zip format"):
+        load_checkpoint(path)
+
+
+def test_damaged_zip_gives_a_checkpoint_error(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(1000.0)}, good)
+    with zipfile.ZipFile(good) as archive, zipfile.ZipFile(tmp_path / "bad.pt", "w") as bad:
+        for item in archive.infolist():
+            data = archive.read(item)
+            bad.writestr(item, data[: len(data) // 2] if item.filename.endswith("data/0") else data)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")

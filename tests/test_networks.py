@@ -112,3 +112,37 @@ def test_config_builder_rejects_unknown_classes_with_the_known_ones():
                   "spatial_size": [32, 32, 32], "nmf": {"class": "Transformer"}})
     with pytest.raises(ConfigError, match="cannot build NMF"):
         ft.build({"class": "NMF", "size": [8, 8], "ranks": 3})
+
+
+def test_half_precision_inputs_stay_finite_where_a_window_is_all_zero():
+    nmf = ft.NMF((8, 64), rank=1, solver="hals")
+    nmf.input_is_nonnegative = True
+    x = torch.rand(4, 8, 64)
+    x[1] = 0  # eps underflows to 0 in fp16: 0/0 unless NMF runs in float32
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.no_grad():
+            y = nmf(x.to(dtype))
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        torch.testing.assert_close(y.float(), nmf(x), atol=1e-2, rtol=1e-2)
+
+
+def test_network_runs_under_autocast():
+    """Mixed precision (bf16 autocast on the CPU stands in for CUDA's fp16): no dtype clashes."""
+    torch.manual_seed(0)
+    net = small_segmentation_factorizer().eval()
+    x = torch.rand(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        reference = net.predict(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net.predict(x)
+    assert torch.isfinite(mixed).all()
+    torch.testing.assert_close(mixed.float(), reference, atol=0.1, rtol=0.1)
+
+
+def test_dropout_still_acts_in_training_mode_without_autograd():
+    torch.manual_seed(0)
+    net = small_segmentation_factorizer().train()
+    x = torch.rand(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        a, b = net.predict(x), net.predict(x)
+    assert not torch.allclose(a, b), "MC dropout: two passes in train mode must differ"

@@ -188,3 +188,22 @@ def test_runs_as_a_real_subprocess(model_dir, case):
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "missing" in bad.stderr
+
+
+def test_modality_names_may_come_before_the_files(model_dir, case):
+    root, paths, expected = case
+    t1n, t1c, t2w, t2f = paths
+    result = invoke("--modality", "flair", "t1", "t2", "t1ce", t2f, t1n, t2w, t1c, "-o", root / "seg.nii.gz",
+                    "--model", model_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.asarray(nib.load(root / "seg.nii.gz").dataobj), expected)
+
+
+def test_split_modality_names_unit():
+    from factorizer_cli.cli.segment import split_modality_names
+
+    files = ["a.nii.gz", "b.nii.gz"]
+    assert split_modality_names(files + ["t2"], ["t1"]) == (files, ["t1", "t2"])
+    assert split_modality_names(["t2"] + files, ["t1"]) == (files, ["t1", "t2"])
+    assert split_modality_names(files, ["t1,t2"]) == (files, ["t1", "t2"])
+    assert split_modality_names(files, ["t1", "t2"]) == (files, ["t1", "t2"])

@@ -7,7 +7,7 @@ import pytest
 from factorizer_cli.io.images import read_image
 from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
 
-from .oracle import oblique, oracle_package, phantom, reorient, write_case
+from .oracle import oblique, oracle_card, oracle_package, phantom, reorient, write_case
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,24 @@ def test_volumes_and_label_convention(tmp_path):
     assert volumes["regions_ml"]["TC"] == pytest.approx(np.isin(expected, [1, 3]).sum() / 1000)
     assert volumes["regions_ml"]["ET"] == pytest.approx((expected == 3).sum() / 1000)
     assert volumes["labels_ml"]["ED"] == pytest.approx((expected == 2).sum() / 1000)
+
+
+def test_single_output_model_at_coarser_spacing(tmp_path):
+    """One output channel (like ISLES'22) and a 2 mm model on 1 mm images: resampled both ways."""
+    from factorizer_cli.zoo.card import ModelCard
+    from factorizer_cli.zoo.package import save_package
+
+    from .oracle import oracle_weights
+
+    card = oracle_card(spacing=(2.0, 2.0, 2.0)).to_dict()
+    card.update(outputs=["WT"], labels=[{"region": "WT", "label": 1}], label_conventions={},
+                architecture={"class": "Conv3d", "in_channels": 4, "out_channels": 1, "kernel_size": 1})
+    weights = {k: v[1:2] for k, v in oracle_weights().items()}
+    segmenter = Segmenter(save_package(tmp_path / "model", ModelCard.from_dict(card), [weights]),
+                          InferenceOptions(device="cpu"))
+    images, expected = phantom()
+    paths = write_case(tmp_path / "case", images, oblique(12.0))
+    result = segmenter([read_image(p) for p in paths], keep_probabilities=True)
+    assert result.labels.shape == expected.shape and result.probabilities.shape == (1, *expected.shape)
+    truth, found = expected > 0, result.labels == 1
+    assert 2 * (truth & found).sum() / (truth.sum() + found.sum()) > 0.9

@@ -186,3 +186,23 @@ def test_unverified_source_is_reported_then_trusted_by_verify(hub_server, factor
     with pytest.raises(DownloadError, match="was expected"):
         fetch_zoo_model(card)
     assert not path.exists()
+
+
+def test_complete_part_file_from_an_earlier_run_is_accepted(hub_server, factorizer_home):
+    blob = _package_files()["model.safetensors"]
+    hub_server.create_repo("org/files").add_commit({"model.safetensors": blob})
+    card = _url_card(hub_server, "model.safetensors", blob)
+    part = factorizer_home / "downloads" / "url-oracle" / "model.safetensors.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(blob)  # the rename was all that was missing
+    fetched = fetch(card.weights[0], card.name)
+    assert fetched.status == "verified" and fetched.path.read_bytes() == blob and not part.exists()
+
+
+def test_card_names_cannot_escape_the_cache():
+    card = oracle_card().to_dict()
+    for bad in ("../../etc", "a/b", ".hidden"):
+        with pytest.raises(Exception, match="name must be"):
+            ModelCard.from_dict({**card, "name": bad})
+    with pytest.raises(Exception, match="plain file name"):
+        ModelCard.from_dict({**card, "weights": [{"source": "url", "url": "https://x", "filename": "../x"}]})

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
+from ..errors import ConfigError
 from ..zoo import cache
 from ..zoo.card import ModelCard
 from ..zoo.registry import zoo_card, zoo_names
@@ -119,6 +120,8 @@ def download(
     if revision:
         from dataclasses import replace
 
+        if not any(e.get("source") == "hub" for e in card.weights):
+            raise ConfigError(f"{card.name}: --revision applies to Hugging Face hub sources; this model has none")
         card = replace(card, weights=tuple(
             {**e, "revision": revision, "sha256": None} if e.get("source") == "hub" else e for e in card.weights))
     with _download_progress() as bar:

@@ -8,6 +8,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -63,7 +64,8 @@ def split_modality_names(inputs: list[str], modality: list[str]) -> tuple[list[s
         leading.append(inputs.pop(0))
     while inputs and not Path(inputs[-1]).exists() and not nifti_suffix(Path(inputs[-1])):
         trailing.insert(0, inputs.pop())
-    return inputs, leading + names + trailing if leading else names + trailing
+    # `-m t1 t1ce t2 flair` before the files: the option took t1, the rest lead the inputs.
+    return inputs, names + leading + trailing
 
 
 def resolve_inputs(inputs: list[str], modality: list[str], specs) -> list[Path]:
@@ -108,6 +110,14 @@ def _check_outputs(paths: list[tuple[Path, str]], inputs: list[Path]) -> None:
         seen[key] = path
 
 
+def _preview_background(images: list, card) -> object:
+    """FLAIR when the model takes it and it shares the reference grid, else the reference image."""
+    flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
+    same_grid = (images[flair].array.shape == images[0].array.shape
+                 and np.allclose(images[flair].affine, images[0].affine, atol=1e-3))
+    return images[flair] if same_grid else images[0]
+
+
 def write_stats(path: Path, seg: Segmentation, inputs: list[Path], device: str) -> None:
     report = {
         "model": seg.card.name,
@@ -118,8 +128,11 @@ def write_stats(path: Path, seg: Segmentation, inputs: list[Path], device: str) 
         "seconds": {k: round(v, 3) for k, v in seg.seconds.items()},
         "notes": seg.notes,
     }
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions") from None
 
 
 @app.command(epilog=EXAMPLES)
@@ -179,8 +192,9 @@ def segment(
 
     The images are reoriented, cropped, resampled and normalized as the model card says; the network
     runs over sliding windows; every step is undone on the probabilities before thresholding, so the
-    label map has the input's shape, affine and qform/sform codes. Nothing is written if anything
-    fails.
+    label map has the input's shape, affine and qform/sform codes. Bad inputs and unwritable outputs
+    are refused before any work; every file is written whole (temporary file, then rename), the label
+    map last.
     """
     started = time.perf_counter()
     resolved = resolve_model(model, card=card, offline=offline)
@@ -194,10 +208,13 @@ def segment(
     extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
     _check_outputs([(output, "nifti"), *extra], paths)
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     segmenter = Segmenter(package, InferenceOptions(
         overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
-        precision=precision.value, nmf_iters=nmf_iters, threads=threads,
-        label_convention=label_convention,
+        precision=precision.value, nmf_iters=nmf_iters, label_convention=label_convention,
     ))
     images = [read_image(p) for p in paths]
     with progress_bar(quiet) as bar:
@@ -205,15 +222,15 @@ def segment(
         result = segmenter(images, progress=lambda done, total: bar.update(task, completed=done, total=total),
                            keep_probabilities=probabilities is not None)
 
-    result.write(output)
+    # Extras first, the label map last: a label map on disk means the whole case is done.
     if probabilities:
         result.write_probabilities(probabilities)
     if stats:
         write_stats(stats, result, paths, str(segmenter.device))
     if preview:
-        flair = next((i for i, m in enumerate(model_card.modalities) if m.matches("flair")), 0)
-        background = images[flair] if images[flair].array.shape == images[0].array.shape else images[0]
-        write_preview(preview, background.array, result.labels, result.reference.affine)
+        write_preview(preview, _preview_background(images, model_card).array, result.labels,
+                      result.reference.affine)
+    result.write(output)
     if not quiet:
         _summary(result, output, time.perf_counter() - started, str(segmenter.device))
 

@@ -12,7 +12,6 @@ from .images import (
     check_image,
     check_output_path,
     header_from_affine,
-    itk_to_ras_affine,
     read_image,
     write_nifti,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "encode_png",
     "find_modalities",
     "header_from_affine",
-    "itk_to_ras_affine",
     "match_modalities",
     "read_image",
     "write_nifti",

@@ -59,7 +59,9 @@ def resample_linear(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         image, list(shape[::-1]), sitk.Transform(), sitk.sitkLinear,
         [(s - 1) / 2 for s in scale], scale, image.GetDirection(), 0.0, image.GetPixelID(),
     )
-    return np.ascontiguousarray(np.moveaxis(sitk.GetArrayFromImage(out), -1, 0), dtype=np.float32)
+    # SimpleITK drops the component axis of one-channel images: put it back before moving it first.
+    result = sitk.GetArrayFromImage(out).reshape(*shape, array.shape[0])
+    return np.ascontiguousarray(np.moveaxis(result, -1, 0), dtype=np.float32)
 
 
 def to_sitk(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
@@ -71,6 +73,14 @@ def to_sitk(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
     image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
     image.SetOrigin([float(v) for v in lps[:3, 3]])
     return image
+
+
+def ras_affine_of(image: sitk.Image) -> np.ndarray:
+    """The voxel (i, j, k) → RAS+ mm affine of a SimpleITK image (ITK maps indices to LPS)."""
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.asarray(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return _LPS_FROM_RAS @ lps  # the flip of the first two axes is its own inverse
 
 
 def resample_to_grid(volume: np.ndarray, affine: np.ndarray, shape: tuple[int, ...],

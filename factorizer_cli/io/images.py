@@ -30,10 +30,10 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from ..errors import InputError, OutputError
+from . import geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ACCEPTED = "a .nii or .nii.gz file, or a folder holding one DICOM series"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # What nibabel, gzip and zlib raise on a truncated or corrupt file, depending on where it breaks.
 _READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError, HeaderDataError)
 
@@ -55,8 +55,7 @@ class Image:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along i, j, k: the column norms of the affine (right for oblique too)."""
-        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return (float(norms[0]), float(norms[1]), float(norms[2]))
+        return tuple(float(s) for s in geometry.voxel_spacing(self.affine))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -199,7 +198,7 @@ def _read_dicom_series(folder: Path) -> Image:
         raise InputError(f"{folder}: {itk_image.GetDimension()}D DICOM image; give a 3D series")
     # ITK arrays are (k, j, i); nibabel's are (i, j, k). astype copies out of ITK's buffer.
     array = sitk.GetArrayViewFromImage(itk_image).transpose(2, 1, 0).astype(np.float32)
-    affine = itk_to_ras_affine(itk_image)
+    affine = geometry.ras_affine_of(itk_image)
     header = header_from_affine(affine, array.shape, code="scanner")
     return Image(array, affine, header, folder)
 
@@ -272,19 +271,6 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, folder: Path) -> None:
             f"{folder}: DICOM slices are unevenly spaced (gaps {gaps.min():.3g} to "
             f"{gaps.max():.3g} mm); a slice is missing or doubled, export the full series again"
         )
-
-
-def itk_to_ras_affine(itk_image: sitk.Image) -> np.ndarray:
-    """The voxel (i, j, k) -> RAS+ mm affine of an ITK image.
-
-    ITK maps index (i, j, k) to LPS as origin + direction @ diag(spacing) @ index; RAS+ negates the
-    first two world axes, so the affine is diag(-1, -1, 1, 1) @ [[direction * spacing, origin]].
-    """
-    direction = np.asarray(itk_image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction * np.asarray(itk_image.GetSpacing(), dtype=np.float64)
-    lps[:3, 3] = itk_image.GetOrigin()
-    return _LPS_TO_RAS @ lps
 
 
 def header_from_affine(

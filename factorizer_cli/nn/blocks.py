@@ -55,7 +55,7 @@ class FactorizerSubblock(nn.Module):
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``norm`` (optional) is applied to ``x`` first: the block's pre-norm, fused in at inference."""
         windows = getattr(self.tensorize, "shifted_windows", [self.tensorize])
-        if torch.is_grad_enabled():
+        if not _inference(self):
             # The reference path, autograd-friendly: the same sum as upstream's stack-then-split.
             out = self.in_proj(x if norm is None else norm(x))
             acc = 0.0
@@ -89,6 +89,11 @@ class FactorizerSubblock(nn.Module):
         if len(windows) > 1:
             acc = acc.div_(len(windows))
         return self.dropout(self.out_proj(acc))
+
+
+def _inference(module: nn.Module) -> bool:
+    """The memory-saving path: autograd off and eval mode (dropout must still act in training)."""
+    return not torch.is_grad_enabled() and not module.training
 
 
 def _pre_norm_residual(x: Tensor, norm: nn.Module, sub: nn.Module, x_is_ours: bool) -> Tensor:
@@ -136,7 +141,7 @@ class FactorizerBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if not _inference(self):
             for block in self.blocks.values():
                 x = block(x)
             return x
@@ -165,7 +170,7 @@ class FactMixerBlock(nn.Module):
         self.mlp = MLP(channels, ratio=mlp_ratio, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if not _inference(self):
             x = x + self.fact(self.norm1(x))
             return x + self.mlp(self.norm2(x))
         x = _pre_norm_residual(x, self.norm1, self.fact, x_is_ours=False)

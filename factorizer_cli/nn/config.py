@@ -61,7 +61,9 @@ def build(config: dict[str, Any]) -> nn.Module:
     kwargs = {k: resolve(v, f"config.{k}") for k, v in config.items() if k != "class"}
     try:
         return cls(**kwargs)
-    except TypeError as err:  # an argument the class does not take
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AssertionError) as err:  # arguments the classes do not take
         raise ConfigError(f"cannot build {config['class']}: {err}") from err
 
 

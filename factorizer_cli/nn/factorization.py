@@ -175,6 +175,11 @@ class NMF(nn.Module):
         ``overwrite_input`` saves a tensor the size of ``x`` when the caller no longer needs it (the
         Factorizer subblock's matricized features at inference).
         """
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Half precision cannot hold ε (1e-8 rounds to 0 in fp16: 0/0 on an all-zero window) nor
+            # the iterations' dynamic range: factorize in float32, even under autocast.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float()).to(x.dtype)
         if self._gram_path_applies(x):
             return self._rank1_hals_gram(x, overwrite_input)
         u, v = self.decompose(x)
@@ -204,13 +209,14 @@ class NMF(nn.Module):
         """
         eps = self.solver.eps
         n = x.shape[-1]
+        small = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
         u0, v0 = self.init.u0.to(x.dtype), self.init.v0.to(x.dtype)
         # One pass over X for everything the iterations need; the tiny iterations then run in float64.
-        gram = (x @ x.mT).double()  # ... × M × M
+        gram = (x @ x.mT).to(small)  # ... × M × M
         ones_v0 = torch.cat([torch.ones_like(v0), v0], dim=1)  # N × 2
-        row_terms = (x @ ones_v0).double()  # ... × M × 2
+        row_terms = (x @ ones_v0).to(small)  # ... × M × 2
         row_sum, x_v0 = row_terms[..., :1], row_terms[..., 1:]
-        u0, v0 = u0.double(), v0.double()
+        u0, v0 = u0.to(small), v0.to(small)
         # Iteration 1: u from the initial v0.
         u = torch.relu((x_v0 + eps) / (v0.mT @ v0 + eps))
         for _ in range(self.num_iters - 1):

@@ -32,7 +32,8 @@ class Linear(nn.Module):
             flat = part.flatten(2)
             w = weight[:, start : start + flat.shape[1]].expand(flat.shape[0], -1, -1)
             start += flat.shape[1]
-            out = torch.bmm(w, flat) if out is None else out.baddbmm_(w, flat)
+            # Out of place: under autocast an in-place op would mix the fp16 ``out`` with fp32 inputs.
+            out = torch.bmm(w, flat) if out is None else torch.baddbmm(out, w, flat)
         if start != weight.shape[1]:
             raise ValueError(f"Linear expects {weight.shape[1]} input channels, got {start}")
         if bias is not None:

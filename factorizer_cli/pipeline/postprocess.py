@@ -34,10 +34,13 @@ def labels_from_probabilities(
 
 
 def volumes_ml(labels: np.ndarray, affine: np.ndarray, rules: Sequence[LabelRule],
-               label_names: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """Volume in mL of each label, and of each region (a rule's label and every label painted after it).
+               label_names: dict[str, str] | None = None,
+               nested_regions: bool = True) -> dict[str, dict[str, float]]:
+    """Volume in mL of each label and, for nested regions, of each region.
 
-    Regions follow the painting order, so for nested regions (BraTS) WT = NCR + ED + ET, TC = NCR + ET.
+    Sigmoid models predict nested regions painted outermost first, so a region is its rule's label
+    and every label painted after it (BraTS: WT = NCR + ED + ET, TC = NCR + ET). Softmax classes do not
+    nest: ``nested_regions=False`` reports labels only.
     """
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3].astype(np.float64)))) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=256)
@@ -47,7 +50,7 @@ def volumes_ml(labels: np.ndarray, affine: np.ndarray, rules: Sequence[LabelRule
         for rule in rules
     }
     by_region = {}
-    for i, rule in enumerate(rules):
+    for i, rule in enumerate(rules if nested_regions else []):
         later = {r.label for r in rules[i:]}
         by_region[rule.region] = round(float(sum(counts[label] for label in later) * voxel_ml), 4)
     return {"labels_ml": by_label, "regions_ml": by_region}

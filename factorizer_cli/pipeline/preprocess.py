@@ -70,13 +70,11 @@ class Inverse:
 
 @dataclass
 class Prepared:
-    """The network input (channel-first, float32), its grid, and the way back."""
+    """The network input (channel-first, float32) and the way back to the reference grid."""
 
     array: np.ndarray
-    affine: np.ndarray  # of ``array``: canonical orientation, model spacing
     inverse: Inverse
     reference: Image
-    canonical_reference: np.ndarray  # first modality, reoriented (for previews), before cropping
     notes: list[str] = field(default_factory=list)
 
 
@@ -142,23 +140,16 @@ def preprocess(
     array, affine, back = geometry.to_canonical(np.stack(volumes).astype(np.float32, copy=False),
                                                 reference.affine)
     inverse.steps.append(Reorientation(back))
-    canonical_reference = array[0]
 
     here = geometry.voxel_spacing(affine)
     margin = [math.ceil(crop_margin_mm / s) for s in here]
     box = foreground_box(array, margin)
     inverse.steps.append(Crop(box, tuple(array.shape[1:])))
     array = array[(slice(None), *box)]
-    affine = affine.copy()
-    affine[:3, 3] += affine[:3, :3] @ np.array([b.start for b in box], dtype=float)
 
     target = np.asarray(spacing, dtype=float)
     if not np.allclose(here, target, rtol=1e-3):
         shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(array.shape[1:], here, target))
         inverse.steps.append(Resampling(tuple(array.shape[1:])))
-        zoom = np.array(array.shape[1:]) / np.array(shape)
         array = geometry.resample_linear(np.ascontiguousarray(array), shape)
-        affine = affine.copy()
-        affine[:3, 3] += affine[:3, :3] @ ((zoom - 1) / 2)
-        affine[:3, :3] = affine[:3, :3] * zoom
-    return Prepared(zscore_nonzero(array), affine, inverse, reference, canonical_reference, notes)
+    return Prepared(zscore_nonzero(array), inverse, reference, notes)

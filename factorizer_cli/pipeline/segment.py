@@ -38,7 +38,6 @@ class InferenceOptions:
     device: str = "auto"
     precision: str = "auto"
     nmf_iters: int | None = None
-    threads: int | None = None
     label_convention: str | None = None
 
 
@@ -54,7 +53,8 @@ class Segmentation:
 
     def volumes(self) -> dict[str, dict[str, float]]:
         rules = self.card.label_rules(self.label_convention)
-        return volumes_ml(self.labels, self.reference.affine, rules, dict(self.card.label_names))
+        return volumes_ml(self.labels, self.reference.affine, rules, dict(self.card.label_names),
+                          nested_regions=self.card.activation == "sigmoid")
 
     def write(self, path: str | Path) -> None:
         """The label map as uint8 NIfTI with the reference's shape, affine and qform/sform codes."""
@@ -89,8 +89,6 @@ class Segmenter:
         self.device = resolve_device(options.device)
         self._autocast = lambda: autocast(self.device, options.precision)
         self._autocast()  # validate the precision for this device now, not after preprocessing
-        if options.threads:
-            torch.set_num_threads(options.threads)
         self.networks = package.load_networks(self.device)
         for network in self.networks:
             size = getattr(network, "spatial_size", None)

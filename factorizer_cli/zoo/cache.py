@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from ..io.images import atomic_path
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -45,22 +48,28 @@ def source_key(entry: Mapping[str, Any]) -> str:
 
 def trusted_hashes() -> dict[str, str]:
     path = home() / "trusted.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable trust records ({err}); delete the file and verify again") from None
+    return records if isinstance(records, dict) else {}
 
 
 def trust(key: str, sha256: str) -> None:
     """Record the hash of a download the user chose to trust (``factorizer models verify``)."""
-    records = trusted_hashes()
-    records[key] = sha256
-    path = home() / "trusted.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".trusted.json.tmp")
-    tmp.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _write_trusted({**trusted_hashes(), key: sha256})
 
 
 def forget(keys: list[str]) -> None:
-    records = {k: v for k, v in trusted_hashes().items() if k not in keys}
+    records = trusted_hashes()
+    if any(k in records for k in keys):
+        _write_trusted({k: v for k, v in records.items() if k not in keys})
+
+
+def _write_trusted(records: dict[str, str]) -> None:
     path = home() / "trusted.json"
-    if path.is_file():
-        path.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")

@@ -9,6 +9,7 @@ read the same card.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.resources.abc import Traversable
@@ -18,6 +19,8 @@ from typing import Any
 from ..errors import ConfigError
 
 ACTIVATIONS = ("sigmoid", "softmax")
+# Names become folder and file names in the cache: no separators, no "..", nothing hidden.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,12 @@ class ModelCard:
 
     def __post_init__(self) -> None:
         problems = []
+        if not SAFE_NAME.fullmatch(self.name) or ".." in self.name:
+            problems.append("name must be letters, digits, '.', '_', '-' or '=' (it names cache folders)")
+        for entry in self.weights:
+            for key in ("file", "filename"):
+                if key in entry and (not SAFE_NAME.fullmatch(str(entry[key])) or ".." in str(entry[key])):
+                    problems.append(f"weight {key} {entry[key]!r} must be a plain file name")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not (len(self.spacing) == len(self.roi) == 3):

@@ -40,6 +40,11 @@ def download_url(url: str, destination: Path, progress: Progress | None = None, 
                         progress(done, total)
             if total is not None and done < total:
                 raise DownloadError(f"{url}: connection closed after {done} of {total} bytes; run again to resume")
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and done:  # "range not satisfiable": an earlier run got every byte
+            os.replace(part, destination)  # (the caller's hash check follows)
+            return destination
+        raise DownloadError(f"{url}: download failed (HTTP {err.code} {err.reason})") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as err:
         reason = getattr(err, "reason", err)
         raise DownloadError(
@@ -48,3 +53,4 @@ def download_url(url: str, destination: Path, progress: Progress | None = None, 
         ) from None
     os.replace(part, destination)
     return destination
+

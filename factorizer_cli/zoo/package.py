@@ -7,7 +7,6 @@ files with their sha256, checked before use.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..io.images import atomic_path
 from ..nn.config import build
 from .card import ModelCard
 
@@ -76,14 +76,12 @@ def save_package(directory: str | Path, card: ModelCard, state_dicts: Sequence[M
     entries = []
     for i, state_dict in enumerate(state_dicts):
         name = "model.safetensors" if len(state_dicts) == 1 else f"fold{i}.safetensors"
-        tmp = root / f".{name}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-        os.replace(tmp, root / name)
+        with atomic_path(root / name) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
         entries.append({"file": name, "sha256": sha256_of(root / name), "format": "safetensors"})
     card = ModelCard.from_dict({**card.to_dict(), "weights": entries})
-    tmp = root / f".{CARD_FILE}.tmp"
-    card.save(tmp)
-    os.replace(tmp, root / CARD_FILE)
+    with atomic_path(root / CARD_FILE) as tmp:
+        card.save(tmp)
     return open_package(root)
 
 

@@ -9,18 +9,19 @@ checkpoint file together with a card. Upstream checkpoints are converted once in
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import ConfigError, DownloadError
+from ..errors import CheckpointError, ConfigError, DownloadError
 from . import cache
 from .card import ModelCard
-from .package import CARD_FILE, ModelPackage, open_package, save_package
+from .package import CARD_FILE, ModelPackage, open_package, save_package, sha256_of
 from .registry import zoo_card, zoo_names
 from .upstream import load_upstream
-from .weights import FetchedWeight, fetch, is_network_error, offline_hint
+from .weights import FetchedWeight, fetch, first_line, is_network_error, offline_hint
 
 Progress = Callable[[str, int, int | None], None]  # (file label, bytes so far, total)
 UPSTREAM_FORMATS = ("lightning-ckpt", "state-dict", "bundle")
@@ -78,27 +79,33 @@ def fetch_zoo_model(card: ModelCard, offline: bool = False, progress: Progress |
         entries = tuple({**e, "sha256": f.sha256} for e, f in zip(card.weights, fetched))
         package = ModelPackage(replace(card, weights=entries), tuple(f.path for f in fetched), fetched[0].path.parent)
         return ResolvedModel(package, unverified)
-    key = hashlib.sha256("".join(f.sha256 for f in fetched).encode()).hexdigest()[:16]
-    folder = cache.home() / "models" / card.name / key
+    folder = cache.home() / "models" / card.name / _cache_key(card, [f.sha256 for f in fetched])
     if (folder / CARD_FILE).is_file():
         return ResolvedModel(open_package(folder), unverified)
-    return ResolvedModel(convert(card, [f.path for f in fetched], folder), unverified)
+    try:
+        return ResolvedModel(convert(card, [f.path for f in fetched], folder), unverified)
+    except CheckpointError as err:
+        if not unverified:
+            raise
+        raise CheckpointError(f"{err}; the unverified download may be a web page rather than the file: "
+                              f"`factorizer models remove {card.name}` and download it again") from None
+
+
+def _cache_key(card: ModelCard, hashes: Sequence[str]) -> str:
+    """Names a conversion by its inputs: the weights' hashes and the card (any edit converts anew)."""
+    described = json.dumps({**card.to_dict(), "weights": None}, sort_keys=True)
+    return hashlib.sha256((described + "".join(hashes)).encode()).hexdigest()[:16]
 
 
 def convert(card: ModelCard, checkpoints: Sequence[Path], folder: Path) -> ModelPackage:
     """Upstream checkpoints (one per fold) into our package at ``folder``, through the safe loader."""
     state_dicts = [load_upstream(path, card.architecture).state_dict() for path in checkpoints]
-    sources = [{"converted_from": str(path)} for path in checkpoints]
-    package = save_package(folder, replace(card, weights=tuple(sources)), state_dicts)
-    return package
+    return save_package(folder, card, state_dicts)
 
 
 def import_cached(checkpoint: Path, card: ModelCard) -> ModelPackage:
     """A checkpoint given with ``--card``: converted once, cached by the checkpoint's hash."""
-    from .weights import sha256_of
-
-    key = sha256_of(checkpoint)[:16]
-    folder = cache.home() / "imports" / card.name / key
+    folder = cache.home() / "imports" / card.name / _cache_key(card, [sha256_of(checkpoint)])
     if (folder / CARD_FILE).is_file():
         return open_package(folder)
     return convert(card, [checkpoint], folder)
@@ -107,13 +114,16 @@ def import_cached(checkpoint: Path, card: ModelCard) -> ModelPackage:
 def _from_hub_package(reference: str, offline: bool, progress: Progress | None) -> ResolvedModel:
     """``ORG/REPO[@REV]``: the repo holds ``card.json`` and the safetensors files it lists."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     repo, _, revision = reference.partition("@")
     try:
         card_path = Path(hf_hub_download(repo, CARD_FILE, revision=revision or "main",
                                          endpoint=os.environ.get("HF_ENDPOINT"),
                                          cache_dir=cache.hub_cache_dir(), local_files_only=offline))
+    except HFValidationError as err:
+        raise ConfigError(f"hf://{reference}: not a hub model reference ({first_line(err)}); write "
+                          "hf://ORG/REPO or hf://ORG/REPO@REVISION") from None
     except LocalEntryNotFoundError:
         if not offline:
             raise DownloadError(f"hf://{reference}: cannot reach the hub and it is not in the cache") from None
@@ -121,10 +131,11 @@ def _from_hub_package(reference: str, offline: bool, progress: Progress | None) 
     except Exception as err:
         if not is_network_error(err):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DownloadError(f"hf://{reference}: cannot get its {CARD_FILE} ({first})") from None
+        raise DownloadError(f"hf://{reference}: cannot get its {CARD_FILE} ({first_line(err)})") from None
     commit = card_path.parent.name  # snapshots/<commit>/card.json: pin the weights to the same commit
     card = ModelCard.load(card_path)
+    if any("file" not in e for e in card.weights):
+        raise ConfigError(f"hf://{reference}: its {CARD_FILE} lists weights without a \"file\"")
     entries = tuple({"source": "hub", "repo": repo, "filename": e["file"], "revision": commit,
                      "sha256": e.get("sha256"), "format": e.get("format", "safetensors")}
                     for e in card.weights)

@@ -9,7 +9,6 @@ as unverified.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 from ..errors import DownloadError
 from . import cache
 from .download import download_url
+from .package import sha256_of
 
 Progress = Callable[[int, int | None], None]
 
@@ -29,14 +29,6 @@ class FetchedWeight:
     path: Path
     sha256: str
     status: str  # "verified" (the card's hash), "trusted" (the user's record) or "unverified"
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def expected_sha256(entry: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -98,6 +90,11 @@ def offline_hint(what: str, fetch_command: str) -> str:
     )
 
 
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def is_network_error(err: BaseException) -> bool:
     """Errors of the hub client and its HTTP library (httpx or httpx2, by version) and of sockets."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -119,10 +116,9 @@ def _download(entry: Mapping[str, Any], model: str, progress: Progress | None) -
         except Exception as err:
             if not is_network_error(err):
                 raise
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DownloadError(
-                f"{model}: cannot download {cache.source_key(entry)} ({first_line}); check the network, "
-                "or run again to resume"
+                f"{model}: cannot download {cache.source_key(entry)} ({first_line(err)}); check the network "
+                "and run again"
             ) from None
     raise DownloadError(f"{model}: the packaged weight file {entry.get('path')} is missing; reinstall")
 
