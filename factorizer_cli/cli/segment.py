@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..errors import InputError, OutputError
 from ..io import check_output_path, find_modalities, match_modalities, read_image
-from ..io.images import atomic_path, nifti_suffix
+from ..io.images import Image, atomic_path, nifti_suffix
 from ..pipeline.preview import write_preview
 from ..pipeline.segment import InferenceOptions, Segmentation, Segmenter
 from ..zoo.resolve import resolve_model
@@ -110,12 +110,13 @@ def _check_outputs(paths: list[tuple[Path, str]], inputs: list[Path]) -> None:
         seen[key] = path
 
 
-def _preview_background(images: list, card) -> object:
+def _preview_background(paths: list[Path], result: Segmentation, card) -> Image:
     """FLAIR when the model takes it and it shares the reference grid, else the reference image."""
     flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
-    same_grid = (images[flair].array.shape == images[0].array.shape
-                 and np.allclose(images[flair].affine, images[0].affine, atol=1e-3))
-    return images[flair] if same_grid else images[0]
+    image = read_image(paths[flair]) if flair else result.reference
+    same_grid = (image.array.shape == result.reference.array.shape
+                 and np.allclose(image.affine, result.reference.affine, atol=1e-3))
+    return image if same_grid else result.reference
 
 
 def write_stats(path: Path, seg: Segmentation, inputs: list[Path], device: str) -> None:
@@ -216,10 +217,9 @@ def segment(
         overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
         precision=precision.value, nmf_iters=nmf_iters, label_convention=label_convention,
     ))
-    images = [read_image(p) for p in paths]
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"segmenting on {segmenter.device.type}", total=None)
-        result = segmenter(images, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        result = segmenter(paths, progress=lambda done, total: bar.update(task, completed=done, total=total),
                            keep_probabilities=probabilities is not None)
 
     # Extras first, the label map last: a label map on disk means the whole case is done.
@@ -228,7 +228,7 @@ def segment(
     if stats:
         write_stats(stats, result, paths, str(segmenter.device))
     if preview:
-        write_preview(preview, _preview_background(images, model_card).array, result.labels,
+        write_preview(preview, _preview_background(paths, result, model_card).array, result.labels,
                       result.reference.affine)
     result.write(output)
     if not quiet:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..io.images import Image, write_nifti
+from ..io.images import Image, read_image, write_nifti
 from ..nn.factorization import NMF
 from ..zoo.card import ModelCard
 from ..zoo.package import ModelPackage
@@ -126,16 +126,21 @@ class Segmenter:
             )
         return probabilities.numpy()
 
-    def __call__(self, images: Sequence[Image], progress: Progress | None = None,
+    def __call__(self, images: Sequence[Image | str | Path], progress: Progress | None = None,
                  keep_probabilities: bool = False) -> Segmentation:
-        """Segment one case; ``images`` in the card's modality order (the first is the reference)."""
+        """Segment one case: images or their paths, in the card's modality order (first: reference).
+
+        Given paths, the images are read here and their voxels released once preprocessed, so they
+        do not sit in memory beside the network during inference.
+        """
         if len(images) != len(self.card.modalities):
             names = ", ".join(m.name for m in self.card.modalities)
             raise ConfigError(f"model {self.card.name!r} takes {len(self.card.modalities)} images ({names}), "
                               f"got {len(images)}")
         seconds = {}
         start = time.perf_counter()
-        prepared = preprocess(images, self.card.spacing, self.card.crop_margin_mm)
+        prepared = preprocess([i if isinstance(i, Image) else read_image(i) for i in images],
+                              self.card.spacing, self.card.crop_margin_mm)
         seconds["preprocess"] = time.perf_counter() - start
 
         start = time.perf_counter()
