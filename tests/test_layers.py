@@ -10,8 +10,11 @@ from factorizer_cli.nn import layers
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force many chunks (and a ragged last one) on small test tensors."""
+    """Force many chunks and window slabs (and ragged last ones) on small test tensors."""
+    from factorizer_cli.nn import blocks
+
     monkeypatch.setattr(layers, "_CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(blocks, "_SLAB_ELEMENTS", 3000)
 
 
 def _upstream_style_layer_norm(norm: ft.LayerNorm, x):

@@ -81,3 +81,17 @@ def test_sizes_that_do_not_divide_are_refused_with_the_numbers():
         ft.Matricize((None, 8, 10, 8, 8), head_dim=4, patch_size=4)
     with pytest.raises(ConfigError, match="12 channels cannot be split into heads of 8"):
         ft.Matricize((None, 12, 8, 8, 8), head_dim=8, patch_size=4)
+
+
+@pytest.mark.parametrize("shifts", [None, (1, 2, 3), (5, 0, 9)])
+def test_windows_a_slab_at_a_time_match_the_whole(shifts):
+    x = torch.randn(2, 8, 12, 8, 16)
+    mat = ft.Matricize((None, 8, 12, 8, 16), head_dim=4, patch_size=(4, 4, 8), shifts=shifts)
+    whole = mat(x)  # (b h), (3 * 2 * 2) windows, 4, 128
+    per_row = 2 * 2
+    acc = torch.zeros_like(x)
+    for start, stop in [(0, 1), (1, 3)]:
+        part = mat(x, rows=(start, stop))
+        assert torch.equal(part, whole[:, start * per_row : stop * per_row])
+        mat.fold_add_(acc, part, rows=(start, stop))
+    assert torch.equal(acc, x)

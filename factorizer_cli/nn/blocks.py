@@ -23,6 +23,9 @@ from .matricize import Matricize
 from .partial import PartialSpec, partialize
 
 
+_SLAB_ELEMENTS = 1 << 23  # inference matricizes ~32 MB of windows at a time, not the whole map
+
+
 class FactorizerSubblock(nn.Module):
     """Linear → matricize → activation → factorize → inverse matricize → Linear → dropout.
 
@@ -64,9 +67,9 @@ class FactorizerSubblock(nn.Module):
             acc = acc / len(windows) if len(windows) > 1 else acc
             return self.dropout(self.out_proj(acc))
 
-        # Inference: one window partition at a time, each folded back into one accumulator in place,
-        # the NMF reconstruction written over its own input. An elementwise ReLU commutes with the
-        # partition, so it is applied once, up front.
+        # Inference: one window partition at a time, a slab of windows at a time, each folded back
+        # into one accumulator in place, the NMF reconstruction written over its own input. An
+        # elementwise ReLU commutes with the partition, so it is applied once, up front.
         if isinstance(norm, LayerNorm):
             out = norm_linear(x, norm, self.in_proj)
         else:
@@ -74,17 +77,21 @@ class FactorizerSubblock(nn.Module):
         if self._relu_act:
             out = out.relu_()
         acc = torch.zeros_like(out)
+        rows = windows[0].grid_size[0]
+        step = max(1, rows * _SLAB_ELEMENTS // out.numel())  # window rows per slab
         for window in windows:
-            matrices = window(out)
-            if not self._relu_act:
-                matrices = self.act(matrices)
-            if isinstance(self.factorize, NMF):
-                folded = self.factorize(matrices, overwrite_input=True)
-            else:
-                folded = self.factorize(matrices)
-            del matrices
-            window.fold_add_(acc, folded)
-            del folded
+            for start in range(0, rows, step):
+                slab = (start, min(start + step, rows))
+                matrices = window(out, rows=slab)
+                if not self._relu_act:
+                    matrices = self.act(matrices)
+                if isinstance(self.factorize, NMF):
+                    folded = self.factorize(matrices, overwrite_input=True)
+                else:
+                    folded = self.factorize(matrices)
+                del matrices
+                window.fold_add_(acc, folded, rows=slab)
+                del folded
         del out
         if len(windows) > 1:
             acc = acc.div_(len(windows))

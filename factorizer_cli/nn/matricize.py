@@ -91,12 +91,17 @@ class Matricize(nn.Module):
             math.prod(self.patch_size),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Roll by ``shifts`` and cut into windows, in one pass over ``x`` (no rolled copy)."""
-        out = x.new_empty(x.shape[0] * self.num_heads, math.prod(self.grid_size), self.head_dim,
-                          math.prod(self.patch_size))
-        windows, spatial = self._window_view(out), rearrange(x, self._spatial_axes, **self.axes)
-        for window_index, spatial_index in self._blocks:
+    def forward(self, x: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """Roll by ``shifts`` and cut into windows, in one pass over ``x`` (no rolled copy).
+
+        ``rows = (start, stop)`` keeps only the windows whose index along the first spatial axis is
+        in that range: inference cuts a feature map a slab at a time, to hold less in memory.
+        """
+        start, stop = rows or (0, self.grid_size[0])
+        out = x.new_empty(x.shape[0] * self.num_heads, (stop - start) * math.prod(self.grid_size[1:]),
+                          self.head_dim, math.prod(self.patch_size))
+        windows, spatial = self._window_view(out, stop - start), rearrange(x, self._spatial_axes, **self.axes)
+        for window_index, spatial_index in self._row_blocks(start, stop):
             windows[window_index].copy_(spatial[spatial_index])
         return out
 
@@ -105,24 +110,42 @@ class Matricize(nn.Module):
         batch = x.shape[0] // self.num_heads
         out = x.new_empty(batch, self.num_heads * self.head_dim,
                           *(g * p for g, p in zip(self.grid_size, self.patch_size)))
-        self._fold(out, x, accumulate=False)
-        return out
-
-    def fold_add_(self, acc: Tensor, x: Tensor) -> Tensor:
-        """``acc += inverse_forward(x)`` in one pass and without a temporary (inference only)."""
-        self._fold(acc, x, accumulate=True)
-        return acc
-
-    def _fold(self, out: Tensor, x: Tensor, accumulate: bool) -> None:
         windows, spatial = self._window_view(x), rearrange(out, self._spatial_axes, **self.axes)
         for window_index, spatial_index in self._blocks:
-            if accumulate:
-                spatial[spatial_index].add_(windows[window_index])
-            else:
-                spatial[spatial_index].copy_(windows[window_index])
+            spatial[spatial_index].copy_(windows[window_index])
+        return out
 
-    def _window_view(self, x: Tensor) -> Tensor:
-        return rearrange(x, self._window_axes, **self.axes)
+    def fold_add_(self, acc: Tensor, x: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """``acc += inverse_forward(x)`` in one pass, without a temporary (inference only).
+
+        ``rows``: ``x`` holds only those windows, as made by ``forward(..., rows)``.
+        """
+        start, stop = rows or (0, self.grid_size[0])
+        windows, spatial = self._window_view(x, stop - start), rearrange(acc, self._spatial_axes, **self.axes)
+        for window_index, spatial_index in self._row_blocks(start, stop):
+            spatial[spatial_index].add_(windows[window_index])
+        return acc
+
+    def _window_view(self, x: Tensor, rows: int | None = None) -> Tensor:
+        return rearrange(x, self._window_axes, **{**self.axes, "g0": rows or self.grid_size[0]})
+
+    def _row_blocks(self, start: int, stop: int) -> list[tuple[Index, Index]]:
+        """The blocks restricted to windows ``start:stop`` along the first axis, re-indexed from 0.
+
+        Inside a block, window row ``g`` holds spatial row ``g - offset``, so a sub-range of window
+        rows maps to the same sub-range, shifted, of spatial rows.
+        """
+        if (start, stop) == (0, self.grid_size[0]):
+            return self._blocks
+        blocks = []
+        for window_index, spatial_index in self._blocks:
+            w, sp = window_index[3], spatial_index[3]  # g0 sits after b, h, d
+            lo, hi = max(w.start, start), min(w.stop, stop)
+            if lo < hi:
+                shift = sp.start - w.start
+                blocks.append((window_index[:3] + (slice(lo - start, hi - start),) + window_index[4:],
+                               spatial_index[:3] + (slice(lo + shift, hi + shift),) + spatial_index[4:]))
+        return blocks
 
 
 Index = tuple[slice, ...]
