@@ -5,8 +5,8 @@ A seeded BraTS-sized case (t1n, t1c, t2w, t2f; 240x240x155, 1 mm, int16, BraTS's
 zero outside, an off-centre tumour (oedema, enhancing rim, necrosis). Both sides segment it with
 the same network and weights, saved as our model package:
 
-- ours: ``Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))`` on images
-  from ``factorizer_cli.io.read_image``, then ``Segmentation.write``: `factorizer segment`'s work;
+- ours: ``Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))`` given the
+  paths (read by ``factorizer_cli.io.read_image``), then ``Segmentation.write``, as the CLI does;
 - MONAI: LoadImaged (4 files) -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(1 mm) ->
   NormalizeIntensityd(nonzero, channel-wise) -> sliding_window_inference(128^3, overlap 0.5,
   gaussian, sigmoid of ``net.predict``) -> Invertd -> threshold 0.5 -> BraTS labels -> SaveImage.
@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from factorizer_cli.io import read_image
 from factorizer_cli.nn.config import build
 from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
 from factorizer_cli.zoo.card import ModelCard
@@ -110,13 +109,11 @@ def ours(paths, model, out):
     segmenter = Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))
 
     def job(clock):
-        images = [read_image(p) for p in paths]
-        clock("read")
-        segmentation = segmenter(images)
+        segmentation = segmenter(paths)  # reads them, keeping only the reference past preprocessing
         clock("segment")
         segmentation.write(out)
         clock("write")
-        return segmentation.seconds  # preprocess, inference, postprocess: inside "segment"
+        return segmentation.seconds  # read + preprocess, inference, postprocess: inside "segment"
     return job
 
 

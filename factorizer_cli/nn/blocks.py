@@ -22,7 +22,6 @@ from .layers import MLP, LayerNorm, Linear, Residual, mlp_residual_, norm_linear
 from .matricize import Matricize
 from .partial import PartialSpec, partialize
 
-
 _SLAB_ELEMENTS = 1 << 23  # inference matricizes ~32 MB of windows at a time, not the whole map
 
 
