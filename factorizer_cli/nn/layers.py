@@ -129,7 +129,7 @@ def norm_linear(x: Tensor, norm: LayerNorm, linear: Linear) -> Tensor:
     """``linear(norm(x))`` without materializing ``norm(x)``."""
     flat = x.flatten(2)
     weight, bias = linear.linear.weight[..., 0], linear.linear.bias
-    out = x.new_empty(flat.shape[0], weight.shape[0], flat.shape[2])
+    out = x.new_empty((flat.shape[0], weight.shape[0], flat.shape[2]))
     for b, voxels in _voxel_chunks(flat):
         rows = _layer_norm_rows(flat[b, :, voxels].t(), norm)
         result = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())

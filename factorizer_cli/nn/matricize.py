@@ -98,8 +98,8 @@ class Matricize(nn.Module):
         in that range: inference cuts a feature map a slab at a time, to hold less in memory.
         """
         start, stop = rows or (0, self.grid_size[0])
-        out = x.new_empty(x.shape[0] * self.num_heads, (stop - start) * math.prod(self.grid_size[1:]),
-                          self.head_dim, math.prod(self.patch_size))
+        out = x.new_empty((x.shape[0] * self.num_heads, (stop - start) * math.prod(self.grid_size[1:]),
+                           self.head_dim, math.prod(self.patch_size)))
         windows, spatial = self._window_view(out, stop - start), rearrange(x, self._spatial_axes, **self.axes)
         for window_index, spatial_index in self._row_blocks(start, stop):
             windows[window_index].copy_(spatial[spatial_index])
@@ -108,8 +108,8 @@ class Matricize(nn.Module):
     def inverse_forward(self, x: Tensor) -> Tensor:
         """Put every window back in place and undo the roll: the exact inverse of ``forward``."""
         batch = x.shape[0] // self.num_heads
-        out = x.new_empty(batch, self.num_heads * self.head_dim,
-                          *(g * p for g, p in zip(self.grid_size, self.patch_size)))
+        out = x.new_empty((batch, self.num_heads * self.head_dim,
+                           *(g * p for g, p in zip(self.grid_size, self.patch_size))))
         windows, spatial = self._window_view(x), rearrange(out, self._spatial_axes, **self.axes)
         for window_index, spatial_index in self._blocks:
             spatial[spatial_index].copy_(windows[window_index])
