@@ -33,25 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from factorizer_cli.examples.seed_network import seed_network
+
 
 def seed_readme_network(ft: types.ModuleType, size: int) -> nn.Module:
     """The seed README's network, built with either implementation's module ``ft``."""
-    return ft.SegmentationFactorizer(
-        in_channels=4, out_channels=3, spatial_size=(size,) * 3,
-        encoder_depth=(1, 1, 1, 1, 1), encoder_width=(32, 64, 128, 256, 512),
-        strides=(1, 2, 2, 2, 2), decoder_depth=(1, 1, 1, 1),
-        stem=(nn.Conv3d, {"kernel_size": 3, "padding": 1, "bias": False}),
-        downsample=(nn.Conv3d, {"kernel_size": 2, "bias": False}),
-        upsample=(nn.ConvTranspose3d, {"kernel_size": 2}),
-        head=(nn.Conv3d, {"kernel_size": 1}),
-        num_deep_supr=3, dropout=0.1,
-        nmf=(ft.FactorizerSubblock, {
-            "tensorize": (ft.SWMatricize, {"head_dim": 8, "patch_size": 8}),
-            "act": nn.ReLU, "factorize": ft.NMF, "rank": 1, "num_iters": 5,
-            "init": "uniform", "solver": "hals", "dropout": 0.1,
-        }),
-        mlp=(ft.MLP, {"ratio": 2, "dropout": 0.1}),
-    )
+    return seed_network(size, patch_size=8, ft=ft)
 
 
 def import_upstream(path: str) -> types.ModuleType:

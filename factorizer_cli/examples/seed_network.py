@@ -7,6 +7,7 @@ and prints the output shapes and the time it took.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,11 @@ from torch import nn
 import factorizer_cli as ft
 
 
-def seed_network(size: int = 64) -> ft.SegmentationFactorizer:
+def seed_network(size: int = 128, patch_size: int = 8, ft: Any = ft) -> ft.SegmentationFactorizer:
+    """The seed README's Swin Factorizer (4 → 3 channels, widths 32-512, rank-1 HALS).
+
+    ``ft`` is the module that provides the classes: ours by default, or upstream's (benchmarks).
+    """
     return ft.SegmentationFactorizer(
         in_channels=4, out_channels=3, spatial_size=(size,) * 3,
         encoder_depth=(1, 1, 1, 1, 1), encoder_width=(32, 64, 128, 256, 512),
@@ -25,7 +30,7 @@ def seed_network(size: int = 64) -> ft.SegmentationFactorizer:
         head=(nn.Conv3d, {"kernel_size": 1}),
         num_deep_supr=3, dropout=0.1,
         nmf=(ft.FactorizerSubblock, {
-            "tensorize": (ft.SWMatricize, {"head_dim": 8, "patch_size": 4}),
+            "tensorize": (ft.SWMatricize, {"head_dim": 8, "patch_size": patch_size}),
             "act": nn.ReLU, "factorize": ft.NMF, "rank": 1, "num_iters": 5,
             "init": "uniform", "solver": "hals", "dropout": 0.1,
         }),
@@ -35,7 +40,7 @@ def seed_network(size: int = 64) -> ft.SegmentationFactorizer:
 
 def main() -> None:
     torch.manual_seed(0)
-    net = seed_network().eval()
+    net = seed_network(64, patch_size=4).eval()
     volume = torch.rand(1, 4, 64, 64, 64)
     start = time.perf_counter()
     with torch.inference_mode():

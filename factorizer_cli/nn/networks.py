@@ -215,11 +215,12 @@ class SegmentationFactorizer(UNet):
         )
 
 
-class Factorizer(UNet):
+class Factorizer(SegmentationFactorizer):
     """The 2025 MONAI-bundle Factorizer: ``FactMixerBlock`` stages, one head unless ``num_deep_supr``.
 
-    ``**kwargs`` go to every block (``norm``, ``mlp_ratio``, ``reshape``, ``act``, ``factorize`` and the
-    factorization's own arguments). The bundles' solvers use ``eps=1e-16``; that is the default here.
+    Same arguments as ``SegmentationFactorizer``, with the bundles' defaults: a 3×3×3 stem, one head,
+    and ``eps=1e-16`` in the solvers. ``**kwargs`` go to every block (``norm``, ``mlp_ratio``,
+    ``reshape``, ``act``, ``factorize`` and the factorization's own arguments).
     """
 
     def __init__(
@@ -227,15 +228,7 @@ class Factorizer(UNet):
         in_channels: int,
         out_channels: int,
         spatial_size: Sequence[int],
-        encoder_depth: Sequence[int] = (1, 1, 1, 1, 1),
-        encoder_width: Sequence[int] = (32, 64, 128, 256, 512),
-        strides: Sequence[int] = (1, 2, 2, 2, 2),
-        decoder_depth: Sequence[int] = (1, 1, 1, 1),
         stem: PartialSpec | None = None,
-        downsample: PartialSpec | None = None,
-        upsample: PartialSpec | None = None,
-        head: PartialSpec | None = None,
-        pos_embed: PartialSpec | bool = PositionalEmbedding,
         num_deep_supr: int | bool = False,
         **kwargs: Any,
     ) -> None:
@@ -243,10 +236,5 @@ class Factorizer(UNet):
             conv = getattr(nn, f"Conv{len(spatial_size)}d")
             stem = (conv, {"kernel_size": 3, "padding": 1, "bias": False})
         kwargs.setdefault("eps", 1e-16)
-        stages = _factorizer_stages(
-            len(encoder_depth), len(decoder_depth), pos_embed, block=FactMixerBlock, **kwargs
-        )
-        super().__init__(
-            in_channels, out_channels, spatial_size, encoder_depth, encoder_width, strides,
-            decoder_depth, stages, stem, downsample, upsample, head, num_deep_supr,
-        )
+        super().__init__(in_channels, out_channels, spatial_size, stem=stem, num_deep_supr=num_deep_supr,
+                         block=FactMixerBlock, **kwargs)
