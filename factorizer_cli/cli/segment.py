@@ -22,6 +22,7 @@ from . import app
 from .console import error_console, friendly_errors, progress_bar
 
 IO_PANEL, INFERENCE_PANEL, EXTRA_PANEL = "Inputs and outputs", "Inference", "Extra outputs"
+BATCH_PANEL = "Folders of cases"
 
 
 class Precision(str, Enum):
@@ -188,8 +189,17 @@ def segment(
         rich_help_panel=EXTRA_PANEL)] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=EXTRA_PANEL)] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Batch: segment cases whose label map already exists.", rich_help_panel=BATCH_PANEL)] = False,
+    shard: Annotated[str | None, typer.Option(
+        help="Batch: this worker's share K/N of the cases (a fixed split by case name).",
+        show_default=False, rich_help_panel=BATCH_PANEL)] = None,
 ) -> None:
-    """Segment one case and write its label map in the exact geometry of the input.
+    """Segment one case, or every case of a folder, in the exact geometry of the input.
+
+    With `-o FOLDER` (not ending in .nii.gz) the input is a dataset folder: every case in it is
+    segmented to `FOLDER/<case>.nii.gz`, cases already done are skipped, a failed case is reported
+    and the rest go on, and `summary.json` records each case. SIGTERM stops after the current case.
 
     The images are reoriented, cropped, resampled and normalized as the model card says; the network
     runs over sliding windows; every step is undone on the probabilities before thresholding, so the
@@ -205,6 +215,14 @@ def segment(
         error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
                               f"`factorizer models verify {model_card.name}` records the hash you trust",
                               highlight=False)
+    if nifti_suffix(output) is None and len(inputs) == 1 and Path(inputs[0]).is_dir():
+        if probabilities or stats or preview:
+            raise InputError("--probabilities, --stats and --preview are for one case (-o FILE.nii.gz)")
+        options = InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
+                                   precision=precision.value, nmf_iters=nmf_iters,
+                                   label_convention=label_convention)
+        failed = segment_folder(Path(inputs[0]), output, package, options, overwrite, shard, quiet, threads)
+        raise typer.Exit(1 if failed else 0)
     paths = resolve_inputs(inputs, modality or [], model_card.modality_specs)
     extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
     _check_outputs([(output, "nifti"), *extra], paths)
@@ -249,3 +267,53 @@ def _summary(result: Segmentation, output: Path, seconds: float, device: str) ->
         table.add_row(f"[bold]region {name}[/]", f"{ml:.2f}")
     console.print(table)
     console.print(f"done in {seconds:.1f} s on {device}", highlight=False)
+
+
+def segment_folder(folder: Path, output_dir: Path, package, options: InferenceOptions, overwrite: bool,
+                   shard: str | None, quiet: bool, threads: int | None) -> int:
+    """Batch mode of ``segment``; returns the number of failed cases."""
+    import signal
+    import threading
+
+    from ..pipeline.batch import find_cases, in_shard, parse_shard, run_batch
+
+    k, n = parse_shard(shard) if shard else (1, 1)
+    cases = [c for c in find_cases(folder, package.card.modality_specs) if in_shard(c.name, k, n)]
+    if not cases:
+        raise InputError(f"{folder}: no cases found{f' in shard {k}/{n}' if n > 1 else ''}; give a folder of "
+                         "case folders (BraTS, ISLES) or of nnU-Net files (CASE_0000.nii.gz)")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{output_dir}: cannot create the output folder ({err.strerror})") from None
+    check_output_path(output_dir / "summary.json", [])
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    segmenter = Segmenter(package, options)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    console = error_console()
+    try:
+        with progress_bar(quiet) as bar:
+            task = bar.add_task(f"{len(cases)} cases on {segmenter.device.type}", total=len(cases))
+
+            def report(result, done, total):
+                bar.update(task, completed=done)
+                if result.status == "failed" and not quiet:
+                    console.print(f"[red]failed:[/] {result.name}: {result.error.splitlines()[0]}", highlight=False)
+
+            results = run_batch(cases, segmenter, output_dir, overwrite=overwrite, stop=stop, on_result=report)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    name = "summary.json" if n == 1 else f"summary-{k}-of-{n}.json"
+    with atomic_path(output_dir / name) as tmp:
+        tmp.write_text(json.dumps({"model": package.card.name, "shard": f"{k}/{n}", "stopped": stop.is_set(),
+                                   "cases": [vars(r) for r in results]}, indent=2) + "\n")
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    if not quiet:
+        console.print(f"{counts['done']} done, {counts['skipped']} skipped (already there), {counts['failed']} "
+                      f"failed{', stopped by SIGTERM' if stop.is_set() else ''}; summary in {output_dir / name}",
+                      highlight=False)
+    return counts["failed"]

@@ -76,6 +76,7 @@ class Prepared:
     inverse: Inverse
     reference: Image
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # spent reading and preprocessing
 
 
 def co_grid(images: Sequence[Image]) -> tuple[list[np.ndarray], list[str]]:

@@ -126,23 +126,26 @@ class Segmenter:
             )
         return probabilities.numpy()
 
-    def __call__(self, images: Sequence[Image | str | Path], progress: Progress | None = None,
-                 keep_probabilities: bool = False) -> Segmentation:
-        """Segment one case: images or their paths, in the card's modality order (first: reference).
+    def prepare(self, images: Sequence[Image | str | Path]) -> Prepared:
+        """Read (if given paths) and preprocess one case; images in the card's modality order.
 
-        Given paths, the images are read here and their voxels released once preprocessed, so they
-        do not sit in memory beside the network during inference.
+        Separate from ``finish`` so that a batch can prepare the next case while this one runs.
+        Given paths, the voxels are released once preprocessed instead of staying beside the network.
         """
         if len(images) != len(self.card.modalities):
             names = ", ".join(m.name for m in self.card.modalities)
             raise ConfigError(f"model {self.card.name!r} takes {len(self.card.modalities)} images ({names}), "
                               f"got {len(images)}")
-        seconds = {}
         start = time.perf_counter()
         prepared = preprocess([i if isinstance(i, Image) else read_image(i) for i in images],
                               self.card.spacing, self.card.crop_margin_mm)
-        seconds["preprocess"] = time.perf_counter() - start
+        prepared.seconds = time.perf_counter() - start
+        return prepared
 
+    def finish(self, prepared: Prepared, progress: Progress | None = None,
+               keep_probabilities: bool = False) -> Segmentation:
+        """Inference and postprocessing of a prepared case."""
+        seconds = {"preprocess": prepared.seconds}
         start = time.perf_counter()
         probabilities = self.infer(prepared, progress)
         seconds["inference"] = time.perf_counter() - start
@@ -163,3 +166,8 @@ class Segmenter:
             notes=prepared.notes,
             seconds=seconds,
         )
+
+    def __call__(self, images: Sequence[Image | str | Path], progress: Progress | None = None,
+                 keep_probabilities: bool = False) -> Segmentation:
+        """Segment one case: images or their paths, in the card's modality order (first: reference)."""
+        return self.finish(self.prepare(images), progress, keep_probabilities)

@@ -1,0 +1,163 @@
+"""``factorizer segment DATASET -o FOLDER``: many cases, bad ones reported, shards, restarts."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from factorizer_cli.cli import app
+from factorizer_cli.pipeline.batch import find_cases, in_shard, parse_shard
+
+from .oracle import BRATS_INPUTS, oracle_package, phantom, write_case
+
+runner = CliRunner()
+SPECS = [(m["name"], tuple(m["aliases"])) for m in BRATS_INPUTS]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    oracle_package(root)
+    return root
+
+
+def _dataset(root: Path, good: int, bad: int = 0) -> tuple[Path, np.ndarray]:
+    images, expected = phantom(shape=(30, 32, 28))
+    data = root / "dataset"
+    for i in range(good):
+        paths = write_case(data / f"BraTS-GLI-{i:05d}-000", images, np.eye(4))
+        for p in paths:  # BraTS names carry the case id
+            p.rename(p.with_name(p.name.replace("00001", f"{i:05d}")))
+    for i in range(bad):
+        case = data / f"BraTS-GLI-{900 + i:05d}-000"
+        write_case(case, images, np.eye(4))
+        (case / "BraTS-GLI-00001-000-t2f.nii.gz").write_bytes(b"not an image")
+    return data, expected
+
+
+def test_mixed_good_and_bad_cases(tmp_path, model_dir):
+    data, expected = _dataset(tmp_path, good=3, bad=1)
+    (data / "BraTS-GLI-00950-000").mkdir()  # no images at all
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(data), "-o", str(out), "--model", str(model_dir)])
+    assert result.exit_code == 1, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    status = {c["name"]: c["status"] for c in summary["cases"]}
+    assert status == {"BraTS-GLI-00000-000": "done", "BraTS-GLI-00001-000": "done", "BraTS-GLI-00002-000": "done",
+                      "BraTS-GLI-00900-000": "failed", "BraTS-GLI-00950-000": "failed"}
+    errors = {c["name"]: c["error"] for c in summary["cases"] if c["error"]}
+    assert "t2f.nii.gz" in errors["BraTS-GLI-00900-000"] and "no NIfTI" in errors["BraTS-GLI-00950-000"]
+    for i in range(3):
+        labels = np.asarray(nib.load(out / f"BraTS-GLI-{i:05d}-000.nii.gz").dataobj)
+        np.testing.assert_array_equal(labels, expected)
+    assert sorted(p.name for p in out.iterdir()) == [f"BraTS-GLI-{i:05d}-000.nii.gz" for i in range(3)] + ["summary.json"]
+
+    again = runner.invoke(app, ["segment", str(data), "-o", str(out), "--model", str(model_dir)])
+    status = {c["name"]: c["status"] for c in json.loads((out / "summary.json").read_text())["cases"]}
+    assert status["BraTS-GLI-00000-000"] == "skipped" and status["BraTS-GLI-00900-000"] == "failed"
+    assert "3 skipped" in again.output
+    forced = runner.invoke(app, ["segment", str(data), "-o", str(out), "--model", str(model_dir), "--overwrite",
+                                 "--quiet"])
+    status = {c["name"]: c["status"] for c in json.loads((out / "summary.json").read_text())["cases"]}
+    assert forced.exit_code == 1 and status["BraTS-GLI-00000-000"] == "done"
+
+
+def test_nnunet_flat_folder(tmp_path, model_dir):
+    images, expected = phantom(shape=(30, 32, 28))
+    data = tmp_path / "imagesTs"
+    data.mkdir()
+    for case in ("case_001", "case_002"):
+        for c, volume in enumerate(images):
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), data / f"{case}_{c:04d}.nii.gz")
+    cases = find_cases(data, SPECS)
+    assert [c.name for c in cases] == ["case_001", "case_002"] and all(len(c.files) == 4 for c in cases)
+    result = runner.invoke(app, ["segment", str(data), "-o", str(tmp_path / "out"), "--model", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "case_002.nii.gz").dataobj), expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_shards_partition_the_cases(n):
+    names = [f"BraTS-GLI-{i:05d}-000" for i in range(200)]
+    shares = [[name for name in names if in_shard(name, k, n)] for k in range(1, n + 1)]
+    assert sorted(sum(shares, [])) == sorted(names)  # every case once
+    assert all(shares) or n > len(names)
+    assert shares == [[name for name in names if in_shard(name, k, n)] for k in range(1, n + 1)]  # stable
+
+
+def test_bad_shard_text():
+    for text in ("0/3", "4/3", "a/b", "2"):
+        with pytest.raises(Exception, match="K/N"):
+            parse_shard(text)
+
+
+def _segment_process(data: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "factorizer_cli.cli", "segment", str(data), "-o", str(out),
+                             "--model", str(model), "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_shards_at_once_cover_every_case_once(tmp_path, model_dir):
+    data, _ = _dataset(tmp_path, good=6)
+    out = tmp_path / "out"
+    workers = [_segment_process(data, out, model_dir, "--shard", f"{k}/2") for k in (1, 2)]
+    for worker in workers:
+        assert worker.wait(timeout=300) == 0, worker.stderr.read().decode()
+    done = []
+    for k in (1, 2):
+        done += [c["name"] for c in json.loads((out / f"summary-{k}-of-2.json").read_text())["cases"]
+                 if c["status"] == "done"]
+    assert sorted(done) == sorted(p.name for p in data.iterdir())
+
+
+def _no_partial_files(out: Path) -> None:
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+    for label_map in out.glob("*.nii.gz"):
+        assert np.asarray(nib.load(label_map).dataobj).shape == (30, 32, 28)
+
+
+def test_killed_batch_resumes_with_no_partial_output(tmp_path, model_dir):
+    data, expected = _dataset(tmp_path, good=6)
+    out = tmp_path / "out"
+    worker = _segment_process(data, out, model_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and list(out.glob("*.nii.gz"))):
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=60)
+    if out.exists():  # a temporary file may remain from the killed write, but never a partial output
+        for temporary in out.glob(".*"):
+            temporary.unlink()
+        _no_partial_files(out)
+    assert worker.returncode == -signal.SIGKILL
+    resumed = _segment_process(data, out, model_dir)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    _no_partial_files(out)
+    names = sorted(p.name for p in data.iterdir())
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{n}.nii.gz" for n in names]
+    for name in names:
+        np.testing.assert_array_equal(np.asarray(nib.load(out / f"{name}.nii.gz").dataobj), expected)
+
+
+def test_sigterm_stops_after_the_current_case(tmp_path, model_dir):
+    data, _ = _dataset(tmp_path, good=8)
+    out = tmp_path / "out"
+    worker = _segment_process(data, out, model_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and list(out.glob("*.nii.gz"))):
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] is True
+    _no_partial_files(out)
+    done = [c for c in summary["cases"] if c["status"] == "done"]
+    assert 1 <= len(done) < 8 and len(list(out.glob("*.nii.gz"))) == len(done)
