@@ -161,3 +161,30 @@ def test_sigterm_stops_after_the_current_case(tmp_path, model_dir):
     _no_partial_files(out)
     done = [c for c in summary["cases"] if c["status"] == "done"]
     assert 1 <= len(done) < 8 and len(list(out.glob("*.nii.gz"))) == len(done)
+
+
+def test_a_case_whose_output_cannot_be_written_fails_alone(tmp_path, model_dir):
+    data, _ = _dataset(tmp_path, good=3)
+    out = tmp_path / "out"
+    (out / "BraTS-GLI-00001-000.nii.gz").mkdir(parents=True)  # something that is not a file sits there
+    result = runner.invoke(app, ["segment", str(data), "-o", str(out), "--model", str(model_dir), "--overwrite"])
+    assert result.exit_code == 1
+    cases = {c["name"]: c for c in json.loads((out / "summary.json").read_text())["cases"]}
+    assert cases["BraTS-GLI-00001-000"]["status"] == "failed"
+    assert "cannot write" in cases["BraTS-GLI-00001-000"]["error"]
+    assert cases["BraTS-GLI-00000-000"]["status"] == cases["BraTS-GLI-00002-000"]["status"] == "done"
+
+
+def test_input_folder_is_only_read(tmp_path, model_dir):
+    data, _ = _dataset(tmp_path, good=2)
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    data.chmod(0o555)
+    for case in data.iterdir():
+        case.chmod(0o555)
+    try:
+        result = runner.invoke(app, ["segment", str(data), "-o", str(tmp_path / "out"), "--model", str(model_dir)])
+    finally:
+        for p in [data, *data.iterdir()]:
+            p.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == before
