@@ -117,6 +117,12 @@ def test_two_shards_at_once_cover_every_case_once(tmp_path, model_dir):
     assert sorted(done) == sorted(p.name for p in data.iterdir())
 
 
+def _wait_for_first_output(out: Path, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and not (out.exists() and list(out.glob("*.nii.gz"))):
+        time.sleep(0.05)
+
+
 def _no_partial_files(out: Path) -> None:
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
@@ -128,9 +134,7 @@ def test_killed_batch_resumes_with_no_partial_output(tmp_path, model_dir):
     data, expected = _dataset(tmp_path, good=6)
     out = tmp_path / "out"
     worker = _segment_process(data, out, model_dir)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and list(out.glob("*.nii.gz"))):
-        time.sleep(0.05)
+    _wait_for_first_output(out)
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=60)
     if out.exists():  # a temporary file may remain from the killed write, but never a partial output
@@ -151,9 +155,7 @@ def test_sigterm_stops_after_the_current_case(tmp_path, model_dir):
     data, _ = _dataset(tmp_path, good=8)
     out = tmp_path / "out"
     worker = _segment_process(data, out, model_dir)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and list(out.glob("*.nii.gz"))):
-        time.sleep(0.05)
+    _wait_for_first_output(out)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()
     summary = json.loads((out / "summary.json").read_text())
