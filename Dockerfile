@@ -12,7 +12,7 @@
 #
 # Models: FACTORIZER_HOME=/models (the hub cache in /models/huggingface) belongs to the non-root user.
 # Bake zoo models in with --build-arg MODELS="NAME ...", or mount a volume at /models to keep
-# downloads across runs (a volume there hides the baked models).
+# downloads across runs (a new named volume starts with the baked models; a host folder hides them).
 
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 

@@ -10,6 +10,7 @@ scripts compute the shards they should (run with stand-ins for apptainer, docker
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -80,8 +81,6 @@ def runs() -> list[str]:
 
 
 def exec_form(word: str) -> list[str]:
-    import json
-
     found = [rest for w, rest in instructions() if w == word]
     assert len(found) == 1, f"expected exactly one {word}, found {len(found)}"
     value = json.loads(found[0])  # exec (JSON) form: no shell between the runtime and factorizer
@@ -101,7 +100,9 @@ def shell_text(path: Path, comments_only: bool = False) -> str:
 # `factorizer ARGS` where a command starts: line start, after ; & | ( ` or exec/do/then.
 _COMMAND = re.compile(r"(?:^|[;&|(`]|\b(?:exec|do|then)\s)\s*factorizer[ \t]+(?P<rest>[^\n`]*)", re.M)
 # `docker run ... IMAGE ARGS`, `apptainer exec ... IMAGE factorizer ARGS`: the image's entrypoint args.
-_CONTAINER = re.compile(r"\b(?:docker|podman)\s+run\b|(?:\bapptainer|\bsingularity|\"\$\{RUNTIME\}\")\s+(?:run|exec)\b")
+_CONTAINER = re.compile(
+    r"\b(?:docker|podman)\s+run\b|(?:\bapptainer|\bsingularity|\"\$\{RUNTIME\}\")\s+(?:run|exec)\b"
+)
 _IMAGE = re.compile(r"(?:\"\$\{IMAGE\}\"|(?<![\w/:-])factorizer-cli:[\w.-]+)\s+(?P<rest>[^\n`]*)")
 
 
@@ -151,10 +152,11 @@ def all_commands() -> dict[str, list[list[str]]]:
     container = k8s_container()
     k8s_shell = " ".join([*container.get("command", []), *container.get("args", [])])
     return {
-        "Dockerfile": [exec_form("CMD"), *commands_in("\n".join(runs())), *commands_in(shell_text(DOCKERFILE))],
+        "Dockerfile": [exec_form("CMD"), *commands_in(shell_text(DOCKERFILE))],  # RUNs and comments
         "slurm-array.sh": commands_in(shell_text(SLURM)),
-        "kubernetes-indexed-job.yaml": commands_in(k8s_shell) + commands_in(shell_text(K8S, comments_only=True)),
-        "examples/README.md": commands_in(EXAMPLES_README.read_text()),
+        "kubernetes-indexed-job.yaml": [*commands_in(k8s_shell),
+                                        *commands_in(shell_text(K8S, comments_only=True))],
+        "examples/README.md": commands_in(shell_text(EXAMPLES_README)),
     }
 
 
@@ -251,7 +253,7 @@ def test_entrypoint_user_volumes_and_environment():
     user = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], users[-1])
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0, f"USER {users[-1]}: numeric (for runAsNonRoot) and not root"
-    volumes = [v for word, rest in instructions() if word == "VOLUME" for v in __import__("json").loads(rest)]
+    volumes = [v for word, rest in instructions() if word == "VOLUME" for v in json.loads(rest)]
     assert {"/input", "/output"} <= set(volumes)
     assert "/models" not in volumes  # a declared volume would drop what the MODELS loop writes there
     variables = env()
@@ -339,15 +341,17 @@ def test_the_image_installs_every_dependency_but_swaps_onnxruntime_for_the_gpu_b
     import tomllib
 
     deps_run = next(r for r in runs() if "source=pyproject.toml" in r)
-    code = re.search(r"python -c '([^']*)'", deps_run)[1].replace("/tmp/pyproject.toml", str(REPO / "pyproject.toml"))
+    code = re.search(r"python -c '([^']*)'", deps_run)[1]
+    code = code.replace("/tmp/pyproject.toml", str(REPO / "pyproject.toml"))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     installed = result.stdout.split()
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {re.match(r"[A-Za-z0-9._-]+", d)[0].lower() for d in declared}
-    assert {"torch", "onnxruntime"} <= names
-    assert sorted(installed) == sorted(d for d in declared
-                                       if re.match(r"[A-Za-z0-9._-]+", d)[0].lower() not in ("torch", "onnxruntime"))
+    def name(requirement: str) -> str:
+        return re.match(r"[A-Za-z0-9._-]+", requirement)[0].lower()
+
+    assert {"torch", "onnxruntime"} <= {name(d) for d in declared}
+    assert sorted(installed) == sorted(d for d in declared if name(d) not in ("torch", "onnxruntime"))
 
 
 # --- the build context ------------------------------------------------------------------------------
@@ -388,8 +392,9 @@ def in_context(relative: str) -> bool:
 
 
 def test_dockerignore_keeps_the_package_and_drops_the_rest():
-    for needed in ("pyproject.toml", "README.md", "factorizer_cli/__init__.py", "factorizer_cli/cli/segment.py",
-                   "models/__init__.py", "models/isles22-swin-factorizer.json"):
+    for needed in ("pyproject.toml", "README.md", "factorizer_cli/__init__.py",
+                   "factorizer_cli/cli/segment.py", "models/__init__.py",
+                   "models/isles22-swin-factorizer.json"):
         assert in_context(needed), f"{needed} is needed by `pip install .` but left out of the context"
     for dropped in (".venv/bin/python", ".git/HEAD", ".pytest_cache/v/x", ".ruff_cache/x",
                     "factorizer_cli/__pycache__/cli.cpython-312.pyc", "factorizer_cli.egg-info/PKG-INFO",
@@ -398,7 +403,6 @@ def test_dockerignore_keeps_the_package_and_drops_the_rest():
         assert not in_context(dropped), f"{dropped} would be sent to the Docker daemon"
 
 
-@pytest.mark.slow
 def test_the_package_builds_from_the_build_context(tmp_path):
     """What .dockerignore lets through is enough for `pip install .`: build the wheel from just that."""
     pytest.importorskip("setuptools")
@@ -524,5 +528,6 @@ def test_kubernetes_pod_runs_shard_index_plus_one(tmp_path, index, shard):
 
 def test_examples_readme_explains_both():
     text = EXAMPLES_README.read_text()
-    for needle in ("slurm-array.sh", "kubernetes-indexed-job.yaml", "atomic", "--shard", "--build-arg MODELS="):
+    for needle in ("slurm-array.sh", "kubernetes-indexed-job.yaml", "atomic", "--shard",
+                   "--build-arg MODELS="):
         assert needle in text, needle
