@@ -1,6 +1,6 @@
 """Cases per minute of ``factorizer segment DATASET -o FOLDER`` on the CPU, with and without read-ahead.
 
-Ten generated BraTS-layout cases (4 modalities, 160×192×144 at 1 mm, gzip NIfTI) and a small Swin
+Ten generated BraTS-layout cases (4 modalities, 120×144×112 at 1 mm, gzip NIfTI) and a small Swin
 Factorizer (64³ windows, widths 16-128, random weights) in our package format. With read-ahead the
 next case is read and preprocessed on a second thread while the network runs; without, one after
 the other. Each mode runs in a fresh process, rounds alternate.
@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-SHAPE = (160, 192, 144)
+SHAPE = (120, 144, 112)
 NETWORK = {
     "class": "SegmentationFactorizer", "in_channels": 4, "out_channels": 3, "spatial_size": [64, 64, 64],
     "encoder_depth": [1, 1, 1, 1], "encoder_width": [16, 32, 64, 128], "strides": [1, 2, 2, 2],
