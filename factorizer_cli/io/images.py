@@ -35,7 +35,7 @@ from . import geometry
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ACCEPTED = "a .nii or .nii.gz file, or a folder holding one DICOM series"
 # What nibabel, gzip and zlib raise on a truncated or corrupt file, depending on where it breaks.
-_READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError, HeaderDataError)
+_READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, OverflowError, ImageFileError, HeaderDataError)
 
 
 @dataclass
@@ -110,6 +110,8 @@ def _check_shape(shape: tuple[int, ...], path: Path) -> None:
         raise InputError(f"{path}: 4D image with {shape[3]} volumes; give one 3D file per modality")
     if len(shape) > 4:
         raise InputError(f"{path}: {len(shape)}D image of shape {shape}; give a 3D volume")
+    if min(shape, default=0) < 1:
+        raise InputError(f"{path}: header declares the impossible shape {shape}; the file is corrupt")
     if len(shape) < 3 or min(shape) == 1:
         raise InputError(f"{path}: 2D image of shape {shape}; give a 3D volume")
 
@@ -122,40 +124,79 @@ def nifti_suffix(path: Path) -> str | None:
 
 def _read_nifti(path: Path) -> Image:
     try:
-        img = _load_nifti(path)
+        img, nbytes = _load_nifti(path)
     except _READ_ERRORS as exc:
         raise InputError(f"{path}: {_unreadable_reason(path, exc)}") from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass, so it passes
         raise InputError(f"{path}: not a NIfTI image ({type(img).__name__}); give {_ACCEPTED}")
     if img.get_data_dtype().fields is not None:
         raise InputError(f"{path}: RGB image; give a grayscale MRI volume")
+    if img.get_data_dtype().kind == "c":
+        raise InputError(f"{path}: complex-valued image; give the magnitude image")
     shape = _squeeze_trailing(img.shape)
     _check_shape(shape, path)  # before reading the voxels: a large 4D file is refused at once
+    _check_declared_size(img.header, shape, nbytes, path)
+    affine = img.affine.astype(np.float64)
+    check_affine(affine, path)
     try:
         array = img.get_fdata(dtype=np.float32, caching="unchanged")
-    except _READ_ERRORS as exc:
+        header = img.header if type(img.header) is nib.Nifti1Header else _nifti1_header_from(img.header)
+    except (*_READ_ERRORS, MemoryError, KeyError) as exc:
         raise InputError(
             f"{path}: truncated or corrupt file ({_one_line(exc)}); copy or download it again"
         ) from exc
-    header = img.header if type(img.header) is nib.Nifti1Header else _nifti1_header_from(img.header)
-    return Image(array.reshape(shape), img.affine.astype(np.float64), header, path)
+    return Image(array.reshape(shape), affine, header, path)
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """``nib.load``, except that a ``.nii.gz`` is decompressed whole first.
+def _check_declared_size(header: nib.Nifti1Header, shape: tuple[int, ...], nbytes: int, path: Path) -> None:
+    """Refuse a header that promises more voxels than the file holds, before allocating them."""
+    needed = int(np.prod(shape, dtype=object)) * header.get_data_dtype().itemsize
+    try:
+        offset = int(header.get_data_offset())
+    except (OverflowError, ValueError):
+        offset = -1
+    if offset < 0 or offset + needed > nbytes:
+        raise InputError(f"{path}: header declares {shape} voxels but the file is too short for them; "
+                         "the file is truncated or corrupt")
+
+
+# Voxel sizes outside this range (mm) are no MRI scanner's: a corrupt or mistyped header.
+SPACING_RANGE_MM = (1e-3, 1e3)
+
+
+def check_affine(affine: np.ndarray, path: Path) -> None:
+    """Raise ``InputError`` unless ``affine`` is a usable voxel-to-world map.
+
+    Finite, voxel sizes in ``SPACING_RANGE_MM``, and axes not folded onto each other (a near-singular
+    or extremely sheared direction matrix cannot be reoriented or resampled).
+    """
+    if not np.isfinite(affine).all():
+        raise InputError(f"{path}: the header's affine (qform/sform) holds NaN or Inf; fix the conversion "
+                         "that made this file")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if spacing.min() < SPACING_RANGE_MM[0] or spacing.max() > SPACING_RANGE_MM[1]:
+        raise InputError(f"{path}: voxel size {np.round(spacing, 6).tolist()} mm is not plausible; the header's "
+                         "spacing (pixdim, qform/sform) is corrupt")
+    if abs(np.linalg.det(affine[:3, :3] / spacing)) < 0.1:
+        raise InputError(f"{path}: the header's axes are (nearly) parallel, so the image has no valid "
+                         "orientation; fix its qform/sform")
+
+
+def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, int]:
+    """``nib.load``, and the size in bytes of what holds the data; a ``.nii.gz`` is decompressed first.
 
     Only reading a gzip stream to its end checks its CRC, and nibabel reads just the bytes it needs,
     so a corrupt file could otherwise yield wrong voxels silently. One full decompression is also
     what nibabel would do anyway.
     """
-    if nifti_suffix(path) == ".nii":
-        return nib.load(path, mmap=False)  # plain arrays: no file kept mapped behind the image
+    if nifti_suffix(path) == ".nii":  # plain arrays: no file kept mapped behind the image
+        return nib.load(path, mmap=False), path.stat().st_size
     raw = gzip.decompress(path.read_bytes())
     sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
     if 348 in sizes:
-        return nib.Nifti1Image.from_bytes(raw)
+        return nib.Nifti1Image.from_bytes(raw), len(raw)
     if 540 in sizes:
-        return nib.Nifti2Image.from_bytes(raw)
+        return nib.Nifti2Image.from_bytes(raw), len(raw)
     raise ImageFileError("no NIfTI header after decompression")
 
 
@@ -199,6 +240,7 @@ def _read_dicom_series(folder: Path) -> Image:
     # ITK arrays are (k, j, i); nibabel's are (i, j, k). astype copies out of ITK's buffer.
     array = sitk.GetArrayViewFromImage(itk_image).transpose(2, 1, 0).astype(np.float32)
     affine = geometry.ras_affine_of(itk_image)
+    check_affine(affine, folder)
     header = header_from_affine(affine, array.shape, code="scanner")
     return Image(array, affine, header, folder)
 
