@@ -1,6 +1,7 @@
 """``factorizer segment DATASET -o FOLDER``: many cases, bad ones reported, shards, restarts."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -137,11 +138,9 @@ def test_killed_batch_resumes_with_no_partial_output(tmp_path, model_dir):
     _wait_for_first_output(out)
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=60)
-    if out.exists():  # a temporary file may remain from the killed write, but never a partial output
-        for temporary in out.glob(".*"):
-            temporary.unlink()
-        _no_partial_files(out)
     assert worker.returncode == -signal.SIGKILL
+    for label_map in out.glob("*.nii.gz"):  # whatever is there is whole (a killed write is a hidden file)
+        assert np.asarray(nib.load(label_map).dataobj).shape == (30, 32, 28)
     resumed = _segment_process(data, out, model_dir)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
     _no_partial_files(out)
@@ -190,3 +189,33 @@ def test_input_folder_is_only_read(tmp_path, model_dir):
             p.chmod(0o755)
     assert result.exit_code == 0, result.output
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == before
+
+
+def test_leftovers_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    from factorizer_cli.io.images import _HOST, remove_stale_temporaries
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    files = {
+        "dead": tmp_path / f".case.{_HOST}-{dead}.0123abcd.tmp.nii.gz",
+        "alive": tmp_path / f".case.{_HOST}-{os.getpid()}.0123abcd.tmp.nii.gz",
+        "other host": tmp_path / f".case.elsewhere-{dead}.0123abcd.tmp.nii.gz",
+        "output": tmp_path / "case.nii.gz",
+    }
+    for file in files.values():
+        file.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert [name for name, file in files.items() if not file.exists()] == ["dead"]
+
+
+def test_pattern_picks_nested_case_folders(tmp_path, model_dir):
+    images, expected = phantom(shape=(30, 32, 28))
+    for subject in ("sub-01", "sub-02"):
+        write_case(tmp_path / "bids" / subject / "ses-1", images, np.eye(4))
+    (tmp_path / "bids" / "derivatives").mkdir()
+    cases = find_cases(tmp_path / "bids", SPECS, pattern="sub-*/ses-*")
+    assert [c.name for c in cases] == ["sub-01_ses-1", "sub-02_ses-1"]
+    result = runner.invoke(app, ["segment", str(tmp_path / "bids"), "-o", str(tmp_path / "out"), "--model",
+                                 str(model_dir), "--pattern", "sub-*/ses-*", "--quiet"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "sub-02_ses-1.nii.gz").dataobj), expected)

@@ -191,6 +191,9 @@ def segment(
         "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=EXTRA_PANEL)] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Batch: segment cases whose label map already exists.", rich_help_panel=BATCH_PANEL)] = False,
+    pattern: Annotated[str | None, typer.Option(
+        help="Batch: glob of the case folders inside INPUT, e.g. '*/ses-*' (default: every subfolder).",
+        show_default=False, rich_help_panel=BATCH_PANEL)] = None,
     shard: Annotated[str | None, typer.Option(
         help="Batch: this worker's share K/N of the cases (a fixed split by case name).",
         show_default=False, rich_help_panel=BATCH_PANEL)] = None,
@@ -221,7 +224,8 @@ def segment(
         options = InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
                                    precision=precision.value, nmf_iters=nmf_iters,
                                    label_convention=label_convention)
-        failed = segment_folder(Path(inputs[0]), output, package, options, overwrite, shard, quiet, threads)
+        failed = segment_folder(Path(inputs[0]), output, package, options, overwrite, shard, quiet, threads,
+                                pattern)
         raise typer.Exit(1 if failed else 0)
     paths = resolve_inputs(inputs, modality or [], model_card.modality_specs)
     extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
@@ -270,7 +274,7 @@ def _summary(result: Segmentation, output: Path, seconds: float, device: str) ->
 
 
 def segment_folder(folder: Path, output_dir: Path, package, options: InferenceOptions, overwrite: bool,
-                   shard: str | None, quiet: bool, threads: int | None) -> int:
+                   shard: str | None, quiet: bool, threads: int | None, pattern: str | None = None) -> int:
     """Batch mode of ``segment``; returns the number of failed cases."""
     import signal
     import threading
@@ -278,7 +282,7 @@ def segment_folder(folder: Path, output_dir: Path, package, options: InferenceOp
     from ..pipeline.batch import find_cases, in_shard, parse_shard, run_batch
 
     k, n = parse_shard(shard) if shard else (1, 1)
-    cases = [c for c in find_cases(folder, package.card.modality_specs) if in_shard(c.name, k, n)]
+    cases = [c for c in find_cases(folder, package.card.modality_specs, pattern) if in_shard(c.name, k, n)]
     if not cases:
         raise InputError(f"{folder}: no cases found{f' in shard {k}/{n}' if n > 1 else ''}; give a folder of "
                          "case folders (BraTS, ISLES) or of nnU-Net files (CASE_0000.nii.gz)")

@@ -16,7 +16,9 @@ from __future__ import annotations
 import gzip
 import locale
 import os
+import re
 import secrets
+import socket
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -351,7 +353,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     suffix = nifti_suffix(path) or path.suffix.lower()
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    temporary = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp{suffix}")
+    # Named by host and process, so a later run can tell the leftovers of a killed writer.
+    temporary = path.with_name(f".{stem}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
     try:
         yield temporary
         with open(temporary, "rb+") as f:  # flush to disk before the rename makes it visible
@@ -360,6 +363,35 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Delete the temporary files that killed writers of this host left in ``folder``; returns how many.
+
+    Only files of processes that no longer exist on this machine: writers still at work here, and
+    those of other machines sharing the folder, are left alone.
+    """
+    removed = 0
+    for file in Path(folder).glob(".*.tmp*"):
+        match = _TEMPORARY.match(file.name)
+        if match and match.group("host") == _HOST and not _alive(int(match.group("pid"))):
+            file.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_nifti(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import FactorizerError, InputError
 from ..io import find_modalities
-from ..io.images import nifti_suffix
+from ..io.images import nifti_suffix, remove_stale_temporaries
 from .segment import Segmenter
 
 _NNUNET_CHANNEL = re.compile(r"(.+)_(\d{4})$")
@@ -42,21 +42,29 @@ class CaseResult:
     error: str = ""
 
 
-def find_cases(folder: str | Path, specs) -> list[Case]:
+def find_cases(folder: str | Path, specs, pattern: str | None = None) -> list[Case]:
     """The cases of a dataset folder, sorted by name.
 
     Each subfolder is a case (BraTS ``BraTS-GLI-00000-000/``, ISLES ``sub-strokecase0001/``), its
     modalities found by name; NIfTI files directly in the folder are nnU-Net style, grouped by the
-    part before ``_0000``. A case whose files cannot be matched is kept, with the problem, so that
-    it is reported rather than silently dropped.
+    part before ``_0000``. ``pattern`` (a glob relative to ``folder``, e.g. ``"*/ses-*"``) picks the
+    case folders instead; nested ones are named by their path with ``_`` (``sub-01_ses-1``). A case
+    whose files cannot be matched is kept, with the problem, so that it is reported, not dropped.
     """
     folder = Path(folder)
     cases = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    if pattern:
+        folders = sorted(p for p in folder.glob(pattern) if p.is_dir())
+    else:
+        folders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sub in folders:
+        name = "_".join(sub.relative_to(folder).parts)
         try:
-            cases.append(Case(sub.name, tuple(find_modalities(sub, specs).values())))
+            cases.append(Case(name, tuple(find_modalities(sub, specs).values())))
         except InputError as err:
-            cases.append(Case(sub.name, problem=str(err)))
+            cases.append(Case(name, problem=str(err)))
+    if pattern:
+        return cases
     flat: dict[str, list[Path]] = {}
     for file in sorted(folder.iterdir()):
         suffix = nifti_suffix(file)
@@ -104,6 +112,7 @@ def run_batch(
     With ``read_ahead`` the next case is read and preprocessed on a second thread while this one
     runs on the network. ``stop`` (set from a SIGTERM handler) ends the batch after the current case.
     """
+    remove_stale_temporaries(output_dir)  # what a killed earlier run was writing
     todo = [c for c in cases if overwrite or not output_path(output_dir, c).exists()]
     results = [CaseResult(c.name, "skipped", output=str(output_path(output_dir, c)))
                for c in cases if c not in todo]
