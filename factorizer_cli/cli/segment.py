@@ -200,7 +200,7 @@ def segment(
 ) -> None:
     """Segment one case, or every case of a folder, in the exact geometry of the input.
 
-    With `-o FOLDER` (not ending in .nii.gz) the input is a dataset folder: every case in it is
+    With `-o FOLDER` (an existing folder, or a name without a suffix) the input is a dataset folder: every case in it is
     segmented to `FOLDER/<case>.nii.gz`, cases already done are skipped, a failed case is reported
     and the rest go on, and `summary.json` records each case. SIGTERM stops after the current case.
 
@@ -218,7 +218,8 @@ def segment(
         error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
                               f"`factorizer models verify {model_card.name}` records the hash you trust",
                               highlight=False)
-    if nifti_suffix(output) is None and len(inputs) == 1 and Path(inputs[0]).is_dir():
+    to_folder = output.is_dir() or (nifti_suffix(output) is None and not output.suffix)
+    if to_folder and len(inputs) == 1 and Path(inputs[0]).is_dir():
         if probabilities or stats or preview:
             raise InputError("--probabilities, --stats and --preview are for one case (-o FILE.nii.gz)")
         options = InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
