@@ -4,6 +4,12 @@ The library raises these and never exits; the CLI maps each to a one-line messag
 """
 
 
+def one_line(exc: BaseException, limit: int = 120) -> str:
+    """An exception's message on one line, shortened: for the one-line errors users see."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class FactorizerError(Exception):
     """Base class of every error this package raises on purpose."""
 

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, one_line
 from . import geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -145,7 +145,7 @@ def _read_nifti(path: Path) -> Image:
         header = img.header if type(img.header) is nib.Nifti1Header else _nifti1_header_from(img.header)
     except (*_READ_ERRORS, MemoryError, KeyError) as exc:
         raise InputError(
-            f"{path}: truncated or corrupt file ({_one_line(exc)}); copy or download it again"
+            f"{path}: truncated or corrupt file ({one_line(exc)}); copy or download it again"
         ) from exc
     return Image(array.reshape(shape), affine, header, path)
 
@@ -175,7 +175,7 @@ def check_affine(affine: np.ndarray, path: Path) -> None:
     if not np.isfinite(affine).all():
         raise InputError(f"{path}: the header's affine (qform/sform) holds NaN or Inf; fix the conversion "
                          "that made this file")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = geometry.voxel_spacing(affine)
     if spacing.min() < SPACING_RANGE_MM[0] or spacing.max() > SPACING_RANGE_MM[1]:
         raise InputError(f"{path}: voxel size {np.round(spacing, 6).tolist()} mm is not plausible; the header's "
                          "spacing (pixdim, qform/sform) is corrupt")
@@ -208,14 +208,14 @@ def _unreadable_reason(path: Path, exc: Exception) -> str:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
     except OSError:
-        return f"cannot be opened ({_one_line(exc)}); check its permissions"
+        return f"cannot be opened ({one_line(exc)}); check its permissions"
     if nifti_suffix(path) == ".nii" and gzipped:
         return "gzip-compressed but named .nii; rename it to .nii.gz"
     if nifti_suffix(path) == ".nii.gz" and not gzipped:
         return "not gzip-compressed but named .nii.gz; rename it to .nii if it is a NIfTI file"
     if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
-        return f"truncated or corrupt file ({_one_line(exc)}); copy or download it again"
-    return f"not a NIfTI image ({_one_line(exc)}); give {_ACCEPTED}"
+        return f"truncated or corrupt file ({one_line(exc)}); copy or download it again"
+    return f"not a NIfTI image ({one_line(exc)}); give {_ACCEPTED}"
 
 
 def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -224,11 +224,6 @@ def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     return shape
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _read_dicom_series(folder: Path) -> Image:
@@ -268,7 +263,7 @@ def _read_itk_series(folder: Path) -> sitk.Image:
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as exc:
-        raise InputError(f"{folder}: cannot list DICOM files ({_one_line(exc)})") from exc
+        raise InputError(f"{folder}: cannot list DICOM files ({one_line(exc)})") from exc
     if not series:
         raise InputError(f"{folder}: folder holds no DICOM series; give {_ACCEPTED}")
     if len(series) > 1:
@@ -282,7 +277,7 @@ def _read_itk_series(folder: Path) -> sitk.Image:
         itk_image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(
-            f"{folder}: unreadable DICOM series ({_one_line(exc)}); export the series again"
+            f"{folder}: unreadable DICOM series ({one_line(exc)}); export the series again"
         ) from exc
     _check_slice_spacing(reader, folder)
     return itk_image
@@ -425,7 +420,7 @@ def write_nifti(
             nib.save(image, temporary)
     except OSError as exc:
         raise OutputError(
-            f"{path}: cannot write ({exc.strerror or _one_line(exc)}); check free space and "
+            f"{path}: cannot write ({exc.strerror or one_line(exc)}); check free space and "
             "permissions of the output folder"
         ) from exc
 

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError, DownloadError
+from ..errors import CheckpointError, ConfigError, DownloadError, one_line
 from . import cache
 from .card import ModelCard
 from .package import CARD_FILE, ModelPackage, open_package, save_package, sha256_of
 from .registry import zoo_card, zoo_names
 from .upstream import load_upstream
-from .weights import FetchedWeight, fetch, first_line, is_network_error, offline_hint
+from .weights import FetchedWeight, fetch, is_network_error, offline_hint
 
 Progress = Callable[[str, int, int | None], None]  # (file label, bytes so far, total)
 UPSTREAM_FORMATS = ("lightning-ckpt", "state-dict", "bundle")
@@ -122,7 +122,7 @@ def _from_hub_package(reference: str, offline: bool, progress: Progress | None) 
                                          endpoint=os.environ.get("HF_ENDPOINT"),
                                          cache_dir=cache.hub_cache_dir(), local_files_only=offline))
     except HFValidationError as err:
-        raise ConfigError(f"hf://{reference}: not a hub model reference ({first_line(err)}); write "
+        raise ConfigError(f"hf://{reference}: not a hub model reference ({one_line(err)}); write "
                           "hf://ORG/REPO or hf://ORG/REPO@REVISION") from None
     except LocalEntryNotFoundError:
         if not offline:
@@ -131,7 +131,7 @@ def _from_hub_package(reference: str, offline: bool, progress: Progress | None) 
     except Exception as err:
         if not is_network_error(err):
             raise
-        raise DownloadError(f"hf://{reference}: cannot get its {CARD_FILE} ({first_line(err)})") from None
+        raise DownloadError(f"hf://{reference}: cannot get its {CARD_FILE} ({one_line(err)})") from None
     commit = card_path.parent.name  # snapshots/<commit>/card.json: pin the weights to the same commit
     card = ModelCard.load(card_path)
     if any("file" not in e for e in card.weights):

@@ -16,7 +16,7 @@ from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-from ..errors import DownloadError
+from ..errors import DownloadError, one_line
 from . import cache
 from .download import download_url
 from .package import sha256_of
@@ -90,11 +90,6 @@ def offline_hint(what: str, fetch_command: str) -> str:
     )
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def is_network_error(err: BaseException) -> bool:
     """Errors of the hub client and its HTTP library (httpx or httpx2, by version) and of sockets."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -117,7 +112,7 @@ def _download(entry: Mapping[str, Any], model: str, progress: Progress | None) -
             if not is_network_error(err):
                 raise
             raise DownloadError(
-                f"{model}: cannot download {cache.source_key(entry)} ({first_line(err)}); check the network "
+                f"{model}: cannot download {cache.source_key(entry)} ({one_line(err)}); check the network "
                 "and run again"
             ) from None
     raise DownloadError(f"{model}: the packaged weight file {entry.get('path')} is missing; reinstall")
