@@ -130,9 +130,14 @@ def write_stats(path: Path, seg: Segmentation, inputs: list[Path], device: str) 
         "seconds": {k: round(v, 3) for k, v in seg.seconds.items()},
         "notes": seg.notes,
     }
+    write_json(path, report)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A JSON report, written whole or not at all."""
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
     except OSError as err:
         raise OutputError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions") from None
 
@@ -313,9 +318,8 @@ def segment_folder(folder: Path, output_dir: Path, package, options: InferenceOp
     finally:
         signal.signal(signal.SIGTERM, previous)
     name = "summary.json" if n == 1 else f"summary-{k}-of-{n}.json"
-    with atomic_path(output_dir / name) as tmp:
-        tmp.write_text(json.dumps({"model": package.card.name, "shard": f"{k}/{n}", "stopped": stop.is_set(),
-                                   "cases": [vars(r) for r in results]}, indent=2) + "\n")
+    write_json(output_dir / name, {"model": package.card.name, "shard": f"{k}/{n}", "stopped": stop.is_set(),
+                                   "cases": [vars(r) for r in results]})
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     if not quiet:
         console.print(f"{counts['done']} done, {counts['skipped']} skipped (already there), {counts['failed']} "
