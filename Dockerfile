@@ -32,16 +32,18 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The heavy, CUDA-specific layer first: it changes only with these two versions.
+# The heavy, CUDA-specific layer first: it changes only with these two versions. onnxruntime-gpu is
+# the package of the `gpu` extra (`pip install factorizer-cli[gpu]`), pinned here.
 ARG TORCH_VERSION=2.13.0
 ARG ONNXRUNTIME_GPU_VERSION=1.31.1
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
 
-# The other dependencies, read from pyproject.toml (rebuilt only when it changes). torch is already
-# here, and onnxruntime is left out: onnxruntime-gpu provides the same module, and the CPU package
+# The other dependencies and the `gpu` extra, read from pyproject.toml (rebuilt only when it changes):
+# what `pip install factorizer-cli[gpu]` installs. torch and onnxruntime-gpu are already here, and the
+# CPU package onnxruntime is left out: onnxruntime-gpu provides the same module, and the CPU package
 # would overwrite it.
 RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
-    python -c 'import re, tomllib; deps = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() not in ("torch", "onnxruntime")))' \
+    python -c 'import re, tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; deps = p["dependencies"] + p["optional-dependencies"]["gpu"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() not in ("torch", "onnxruntime")))' \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

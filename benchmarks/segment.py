@@ -7,11 +7,14 @@ the same network and weights, saved as our model package:
 
 - ours: ``Segmenter(open_package(model), InferenceOptions(device="cpu", tta=False))`` given the
   paths (read by ``factorizer_cli.io.read_image``), then ``Segmentation.write``, as the CLI does;
-- MONAI: LoadImaged (4 files) -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(1 mm) ->
+- MONAI: LoadImaged (4 files) -> EnsureChannelFirstd -> Orientationd(RAS) -> CropForegroundd
+  (nonzero in any channel, the card's 10 mm margin, as ours) -> Spacingd(1 mm) ->
   NormalizeIntensityd(nonzero, channel-wise) -> sliding_window_inference(128^3, overlap 0.5,
   gaussian, sigmoid of ``net.predict``) -> Invertd -> threshold 0.5 -> BraTS labels -> SaveImage.
 
-The network is the seed README's Swin Factorizer (see benchmarks/forward.py), seeded random weights;
+The network is the seed README's Swin Factorizer (see benchmarks/forward.py), seeded random weights,
+our implementation on both sides, or with ``--upstream CHECKOUT`` upstream's on the MONAI side (the
+pipeline a MONAI user assembles today: MONAI transforms around pashtari/factorizer);
 ``--trivial`` swaps in a 1x1x1 Conv3d oracle (WT: FLAIR bright, TC: T1 dark, ET: T1c bright), so the
 time is the pipeline's overhead and both label maps must equal the phantom's truth. Each run is a
 fresh process (peak RSS above the RSS before reading the images); rounds alternate.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -117,17 +121,32 @@ def ours(paths, model, out):
     return job
 
 
-def monai(paths, model, out):
+def monai(paths, model, out, upstream=None):
     from monai import transforms as mt
     from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
 
     package = open_package(model)
-    net = build(dict(package.card.architecture))
-    net.load_state_dict(load_file(package.weight_files[0]))
-    forward = net.eval().predict if hasattr(net, "predict") else net.eval()
+    if upstream and package.card.architecture != TRIVIAL_NETWORK:  # the network a MONAI user has
+        from forward import import_upstream  # noqa: I001  (benchmarks/ is on sys.path here)
+
+        from factorizer_cli.examples.seed_network import seed_network
+
+        net = seed_network(ROI[0], patch_size=8, ft=import_upstream(upstream)).eval()
+        net.load_state_dict(load_file(package.weight_files[0]), strict=True)
+
+        def forward(x):
+            return net(x)[0]  # upstream has no predict(): all heads, keep the full-resolution one
+    else:
+        net = build(dict(package.card.architecture))
+        net.load_state_dict(load_file(package.weight_files[0]))
+        forward = net.eval().predict if hasattr(net, "predict") else net.eval()
+    margin = math.ceil(package.card.crop_margin_mm / 1.0)  # voxels at the case's 1 mm
     pre = mt.Compose([mt.LoadImaged("image"), mt.EnsureChannelFirstd("image"),
                       mt.Orientationd("image", axcodes="RAS"),
+                      # as ours: crop to the voxels nonzero in any channel, grown by the card's margin
+                      mt.CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0,
+                                         margin=margin, allow_smaller=True),
                       mt.Spacingd("image", pixdim=(1.0, 1.0, 1.0), mode="bilinear"),
                       mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True)])
     invert = mt.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)
@@ -157,7 +176,8 @@ def worker(args: argparse.Namespace) -> None:
     """One implementation, one case, in this fresh process; timings and memory to OUT.json."""
     warnings.simplefilter("ignore", FutureWarning)  # MONAI's notice on Orientationd's `labels`
     torch.set_num_threads(args.threads)
-    job = (ours if args.worker == "ours" else monai)(args.paths, args.model, args.out)
+    job = (ours(args.paths, args.model, args.out) if args.worker == "ours"
+           else monai(args.paths, args.model, args.out, args.upstream))
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     seconds, marks, cpu = {}, [time.perf_counter()], time.process_time()
 
@@ -184,6 +204,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--upstream", help="checkout of pashtari/factorizer (72d3636): the MONAI side "
+                        "runs upstream's network with the same weights, as a MONAI user would")
     for hidden, nargs in (("--worker", None), ("--model", None), ("--out", None), ("--paths", 4)):
         parser.add_argument(hidden, nargs=nargs, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,7 +221,8 @@ def main() -> None:
                 out = f"{tmp}/{impl}.nii.gz"
                 subprocess.run([sys.executable, __file__, "--worker", impl, "--model",
                                 f"{tmp}/model", "--out", out, "--threads", str(args.threads),
-                                "--paths", *map(str, paths)], check=True)
+                                "--paths", *map(str, paths)]
+                               + (["--upstream", args.upstream] if args.upstream else []), check=True)
                 r = json.loads(Path(out + ".json").read_text())
                 runs[impl].append(r)
                 print(f"round {round_ + 1} {impl}: {r['total_s']:.2f} s (cpu {r['cpu_s']:.0f} s), "
@@ -208,7 +231,8 @@ def main() -> None:
         outputs = {impl: nib.load(f"{tmp}/{impl}.nii.gz") for impl in impls}
         labels = {impl: np.asarray(img.dataobj) for impl, img in outputs.items()}  # read while here
 
-    network = "trivial 1x1x1 conv" if args.trivial else "seed README Swin Factorizer"
+    network = "trivial 1x1x1 conv" if args.trivial else "seed README Swin Factorizer" + (
+        " (MONAI side: upstream's implementation)" if args.upstream else "")
     summary = {"network": network, "threads": args.threads, "torch": torch.__version__}
     print(f"\nsegment: one BraTS-sized case (4 x 240x240x155), {network}, CPU, "
           f"{args.threads} threads\n{'':>5} {'median s':>9} {'peak MiB':>9} {'overhead s':>11} "

@@ -44,3 +44,7 @@ class DeviceError(FactorizerError):
 
 class DownloadError(FactorizerError):
     """Weights that cannot be fetched (offline, network failure) or fail their checksum."""
+
+
+class ExportError(FactorizerError):
+    """An ONNX export that failed, or whose graph disagrees with PyTorch."""

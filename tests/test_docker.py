@@ -346,12 +346,22 @@ def test_the_image_installs_every_dependency_but_swaps_onnxruntime_for_the_gpu_b
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     installed = result.stdout.split()
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared, gpu = project["dependencies"], project["optional-dependencies"]["gpu"]
     def name(requirement: str) -> str:
         return re.match(r"[A-Za-z0-9._-]+", requirement)[0].lower()
 
     assert {"torch", "onnxruntime"} <= {name(d) for d in declared}
-    assert sorted(installed) == sorted(d for d in declared if name(d) not in ("torch", "onnxruntime"))
+    assert {name(d) for d in gpu} == {"onnxruntime-gpu"}
+    # What `pip install factorizer-cli[gpu]` installs, less torch and the CPU onnxruntime ...
+    assert sorted(installed) == sorted(d for d in declared + gpu if name(d) not in ("torch", "onnxruntime"))
+    # ... and the heavy first layer pins the gpu extra's package, the version the extra allows.
+    heavy = next(r for r in runs() if "TORCH_VERSION" in r)
+    pinned = re.findall(r'"([A-Za-z0-9._-]+)==\$\{(\w+)\}"', heavy)
+    assert {n.lower() for n, _ in pinned} == {"torch"} | {name(d) for d in gpu}
+    minimum = re.search(r">=([\d.]+)", gpu[0])[1]
+    version = build_args()[dict(pinned)["onnxruntime-gpu"]]
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
 
 
 # --- the build context ------------------------------------------------------------------------------

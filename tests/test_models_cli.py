@@ -27,9 +27,12 @@ def test_tables_fit_an_80_column_terminal(args):
     assert "isles22-swin-factorizer" in result.output
     assert max(len(line.rstrip()) for line in result.output.splitlines()) <= 80
     if args[1] == "list":
-        header, row = result.output.splitlines()[:2]
+        header, *rows = result.output.splitlines()
         assert header.split() == ["name", "task", "inputs", "params", "cached", "verified"]
-        assert row.split()[0] == "isles22-swin-factorizer" and row.split()[-2:] == ["0/5", "no"]
+        row = next(r for r in rows if r.startswith("isles22-swin-factorizer"))
+        assert row.split()[-2:] == ["0/5", "no"]
+        demo = next(r for r in rows if r.startswith("demo "))
+        assert demo.split()[-2:] == ["1/1", "yes"]  # bundled in the package, hash in the card
     else:
         assert "dwi, adc, flair" in result.output and "2 × 2 × 2 mm" in result.output
 

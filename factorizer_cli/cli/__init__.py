@@ -56,10 +56,18 @@ def info() -> None:
     typer.echo(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     cuda = torch.cuda.is_available()
     typer.echo(f"CUDA: {'yes, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
+    import onnxruntime
+
+    typer.echo(f"onnxruntime {onnxruntime.__version__}: {', '.join(onnxruntime.get_available_providers())}")
 
 
+from . import components as _components  # noqa: E402,F401
+from . import demo as _demo  # noqa: E402,F401
+from . import evaluate as _evaluate  # noqa: E402,F401
+from . import export as _export  # noqa: E402,F401
 from . import models as _models  # noqa: E402,F401  (register the commands on ``app``)
 from . import segment as _segment  # noqa: E402,F401
+from . import train as _train  # noqa: E402,F401
 
 
 def main() -> None:

@@ -15,14 +15,27 @@ from rich.table import Table
 from ..errors import InputError, OutputError
 from ..io import check_output_path, find_modalities, match_modalities, read_image
 from ..io.images import Image, atomic_path, nifti_suffix
+from ..nn.components import select_sites
+from ..pipeline.backends import is_onnx_path, open_onnx
+from ..pipeline.components import ComponentRequest
 from ..pipeline.preview import write_preview
 from ..pipeline.segment import InferenceOptions, Segmentation, Segmenter
-from ..zoo.resolve import resolve_model
+from ..zoo.resolve import load_card, resolve_model
 from . import app
 from .console import error_console, friendly_errors, progress_bar
 
 IO_PANEL, INFERENCE_PANEL, EXTRA_PANEL = "Inputs and outputs", "Inference", "Extra outputs"
 BATCH_PANEL = "Folders of cases"
+
+
+class ComponentDtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+class Backend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
 
 
 class Precision(str, Enum):
@@ -111,6 +124,15 @@ def _check_outputs(paths: list[tuple[Path, str]], inputs: list[Path]) -> None:
         seen[key] = path
 
 
+def _check_components_folder(folder: Path) -> None:
+    """The folder for component maps: an existing folder, or a new one in a writable folder."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: --components takes a folder, and this is a file; choose another name")
+    if not folder.is_dir() and not folder.parent.is_dir():
+        raise OutputError(f"{folder}: cannot create it, {folder.parent} does not exist; create that first")
+    check_output_path((folder if folder.is_dir() else folder.parent) / "components.json", [])
+
+
 def _preview_background(paths: list[Path], result: Segmentation, card) -> Image:
     """FLAIR when the model takes it and it shares the reference grid, else the reference image."""
     flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
@@ -171,9 +193,14 @@ def segment(
         "--tta/--no-tta", help="Mirror test-time augmentation (8 flips: slower, a little better).",
         rich_help_panel=INFERENCE_PANEL)] = False,
     device: Annotated[str, typer.Option(
-        help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=INFERENCE_PANEL)] = "auto",
+        help="auto, cpu, cuda, cuda:N or mps (--backend onnx: tensorrt too).",
+        rich_help_panel=INFERENCE_PANEL)] = "auto",
     threads: Annotated[int | None, typer.Option(
-        min=1, help="CPU threads (default: PyTorch's choice).", rich_help_panel=INFERENCE_PANEL)] = None,
+        min=1, help="CPU threads (default: PyTorch's or ONNX Runtime's choice).", rich_help_panel=INFERENCE_PANEL)] = None,
+    backend: Annotated[Backend | None, typer.Option(
+        help="torch, or onnx (ONNX Runtime; the default for an .onnx --model; a model package is exported "
+             "once into the cache).", show_default=False, case_sensitive=False,
+        rich_help_panel=INFERENCE_PANEL)] = None,
     precision: Annotated[Precision, typer.Option(
         help="auto: fp16 mixed precision on CUDA, fp32 elsewhere.", rich_help_panel=INFERENCE_PANEL,
         case_sensitive=False)] = Precision.auto,
@@ -192,6 +219,15 @@ def segment(
     preview: Annotated[Path | None, typer.Option(
         help="Also write a PNG montage of axial slices, labels over FLAIR.", show_default=False,
         rich_help_panel=EXTRA_PANEL)] = None,
+    components: Annotated[Path | None, typer.Option(
+        help="Also write NMF component maps into this folder: a 4D .nii.gz per block, components.json.",
+        show_default=False, rich_help_panel=EXTRA_PANEL)] = None,
+    component_blocks: Annotated[str | None, typer.Option(
+        help="Blocks for --components, comma-separated: encoder.N, bottleneck, decoder.N, or STAGE.BLOCK "
+             "(default: encoder.0,bottleneck).", show_default=False, rich_help_panel=EXTRA_PANEL)] = None,
+    component_dtype: Annotated[ComponentDtype, typer.Option(
+        help="float16 halves memory and files (stored as int16 with a scale factor).",
+        rich_help_panel=EXTRA_PANEL, case_sensitive=False)] = ComponentDtype.float32,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress bar or summary.", rich_help_panel=EXTRA_PANEL)] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -216,26 +252,38 @@ def segment(
     map last.
     """
     started = time.perf_counter()
-    resolved = resolve_model(model, card=card, offline=offline)
-    package = resolved.package
+    engine = (backend or (Backend.onnx if is_onnx_path(model) else Backend.torch)).value
+    if engine == "onnx" and components is not None:
+        raise InputError("--components needs the PyTorch backend (--backend torch and a model package)")
+    if is_onnx_path(model):
+        package, unverified = open_onnx(model, card=load_card(card) if card else None), ()
+    else:
+        resolved = resolve_model(model, card=card, offline=offline)
+        package, unverified = resolved.package, resolved.unverified
     model_card = package.card
-    for source in resolved.unverified:
+    for source in unverified:
         error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
                               f"`factorizer models verify {model_card.name}` records the hash you trust",
                               highlight=False)
     to_folder = output.is_dir() or (nifti_suffix(output) is None and not output.suffix)
     if to_folder and len(inputs) == 1 and Path(inputs[0]).is_dir():
-        if probabilities or stats or preview:
-            raise InputError("--probabilities, --stats and --preview are for one case (-o FILE.nii.gz)")
+        if probabilities or stats or preview or components:
+            raise InputError("--probabilities, --stats, --preview and --components are for one case "
+                             "(-o FILE.nii.gz)")
         options = InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
                                    precision=precision.value, nmf_iters=nmf_iters,
-                                   label_convention=label_convention)
+                                   label_convention=label_convention, backend=engine, threads=threads)
         failed = segment_folder(Path(inputs[0]), output, package, options, overwrite, shard, quiet, threads,
                                 pattern)
         raise typer.Exit(1 if failed else 0)
     paths = resolve_inputs(inputs, modality or [], model_card.modality_specs)
     extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
     _check_outputs([(output, "nifti"), *extra], paths)
+    request = None
+    if components is not None:
+        _check_components_folder(components)
+        blocks = None if component_blocks is None else tuple(b for b in component_blocks.split(",") if b.strip())
+        request = ComponentRequest(blocks=blocks, dtype=component_dtype.value)
 
     if threads:
         import torch
@@ -244,23 +292,34 @@ def segment(
     segmenter = Segmenter(package, InferenceOptions(
         overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
         precision=precision.value, nmf_iters=nmf_iters, label_convention=label_convention,
+        backend=engine, threads=threads,
     ))
+    _warn(segmenter)
+    if request is not None:
+        select_sites(segmenter.networks[0], request.blocks)  # a wrong block name fails now, not after inference
     with progress_bar(quiet) as bar:
-        task = bar.add_task(f"segmenting on {segmenter.device.type}", total=None)
+        task = bar.add_task(f"segmenting on {segmenter.runs_on}", total=None)
         result = segmenter(paths, progress=lambda done, total: bar.update(task, completed=done, total=total),
-                           keep_probabilities=probabilities is not None)
+                           keep_probabilities=probabilities is not None, components=request)
 
     # Extras first, the label map last: a label map on disk means the whole case is done.
     if probabilities:
         result.write_probabilities(probabilities)
     if stats:
-        write_stats(stats, result, paths, str(segmenter.device))
+        write_stats(stats, result, paths, segmenter.runs_on)
     if preview:
         write_preview(preview, _preview_background(paths, result, model_card).array, result.labels,
                       result.reference.affine)
+    if result.components is not None:
+        result.components.write(components)
     result.write(output)
     if not quiet:
-        _summary(result, output, time.perf_counter() - started, str(segmenter.device))
+        _summary(result, output, time.perf_counter() - started, segmenter.runs_on)
+
+
+def _warn(segmenter: Segmenter) -> None:
+    for warning in segmenter.onnx.warnings if segmenter.onnx is not None else []:
+        error_console().print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 def _summary(result: Segmentation, output: Path, seconds: float, device: str) -> None:
@@ -302,12 +361,13 @@ def segment_folder(folder: Path, output_dir: Path, package, options: InferenceOp
 
         torch.set_num_threads(threads)
     segmenter = Segmenter(package, options)
+    _warn(segmenter)
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console = error_console()
     try:
         with progress_bar(quiet) as bar:
-            task = bar.add_task(f"{len(cases)} cases on {segmenter.device.type}", total=len(cases))
+            task = bar.add_task(f"{len(cases)} cases on {segmenter.runs_on}", total=len(cases))
 
             def report(result, done, total):
                 bar.update(task, completed=done)

@@ -13,6 +13,7 @@ from .images import (
     check_output_path,
     header_from_affine,
     read_image,
+    read_label_map,
     write_nifti,
 )
 from .png import encode_png, write_png
@@ -28,6 +29,7 @@ __all__ = [
     "header_from_affine",
     "match_modalities",
     "read_image",
+    "read_label_map",
     "write_nifti",
     "write_png",
 ]

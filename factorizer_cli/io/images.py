@@ -87,6 +87,25 @@ def read_image(path: str | os.PathLike[str]) -> Image:
     return image
 
 
+def read_label_map(path: str | os.PathLike[str]) -> Image:
+    """Read a NIfTI label map (a segmentation or a mask) into an ``Image`` of whole numbers >= 0.
+
+    Unlike ``read_image`` an all-zero map is valid (an empty prediction or truth). Raises
+    ``InputError`` for what ``read_image`` refuses, and for fractional or negative values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; check the path")
+    if nifti_suffix(path) is None:
+        raise InputError(f"{path}: not a NIfTI label map; give a .nii or .nii.gz file")
+    image = _read_nifti(path)
+    array = image.array
+    if not np.all(np.isfinite(array)) or np.any(array < 0) or np.any(array != np.rint(array)):
+        raise InputError(f"{path}: holds negative, fractional, NaN or Inf values, so it is no label map; "
+                         "give a segmentation with labels 0, 1, 2, ...")
+    return image
+
+
 def check_image(image: Image) -> None:
     """Raise ``InputError`` unless ``image`` is a 3D, finite, non-empty volume.
 
@@ -390,7 +409,8 @@ def _alive(pid: int) -> bool:
 
 
 def write_nifti(
-    path: str | os.PathLike[str], array: np.ndarray, reference: Image, dtype: np.dtype | type | str
+    path: str | os.PathLike[str], array: np.ndarray, reference: Image, dtype: np.dtype | type | str,
+    slope: float = 1.0,
 ) -> None:
     """Write ``array`` as a NIfTI file on ``reference``'s grid, atomically.
 
@@ -400,6 +420,9 @@ def write_nifti(
     for probability maps; NIfTI-1 has no float16) and no intensity scaling (slope 1, intercept 0), so
     labels are stored as they are. Raises ``ValueError`` for an array that does not fit, and
     ``OutputError`` when the file cannot be written.
+
+    ``slope``: store ``array`` (already divided by it) with that ``scl_slope``, so that readers get
+    ``array · slope``: a float map kept in 16-bit integers.
     """
     path = Path(path)
     if nifti_suffix(path) is None:
@@ -414,7 +437,7 @@ def write_nifti(
     header = _output_header(reference, data)
     image = nib.Nifti1Image(data, None, header=header)  # None: nibabel keeps the header's forms
     # After construction: nibabel resets scaling on a header passed in, and NaN means "choose one".
-    image.header.set_slope_inter(1.0, 0.0)
+    image.header.set_slope_inter(float(slope), 0.0)
     try:
         with atomic_path(path) as temporary:
             nib.save(image, temporary)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .factorization import NMF
 from .layers import MLP, LayerNorm, Linear, Residual, mlp_residual_, norm_linear
 from .matricize import Matricize
@@ -29,7 +30,12 @@ class FactorizerSubblock(nn.Module):
     """Linear → matricize → activation → factorize → inverse matricize → Linear → dropout.
 
     ``**kwargs`` go to the factorization (e.g. ``rank``, ``num_iters``, ``solver``).
+
+    ``recorder``: None, or an object whose ``record(windows, factors)`` receives the NMF factors of
+    every forward (``nn.components.capture`` sets and removes it); None costs one check.
     """
+
+    recorder: Any = None
 
     def __init__(
         self,
@@ -57,6 +63,8 @@ class FactorizerSubblock(nn.Module):
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``norm`` (optional) is applied to ``x`` first: the block's pre-norm, fused in at inference."""
         windows = getattr(self.tensorize, "shifted_windows", [self.tensorize])
+        if self.recorder is not None:
+            return self._forward_recorded(x, norm, windows)
         if not _inference(self):
             # The reference path, autograd-friendly: the same sum as upstream's stack-then-split.
             out = self.in_proj(x if norm is None else norm(x))
@@ -94,6 +102,25 @@ class FactorizerSubblock(nn.Module):
         del out
         if len(windows) > 1:
             acc = acc.div_(len(windows))
+        return self.dropout(self.out_proj(acc))
+
+    def _forward_recorded(self, x: Tensor, norm: nn.Module | None, windows: list[nn.Module]) -> Tensor:
+        """The reference path with the factors kept and handed to ``self.recorder`` (opt-in, slower)."""
+        if not isinstance(self.factorize, NMF):
+            raise ConfigError(f"component capture needs an NMF factorization, not {type(self.factorize).__name__}")
+        out = self.in_proj(x if norm is None else norm(x))
+        acc, factors = 0.0, []
+        for window in windows:
+            matrices = self.act(window(out))
+            if matrices.dtype in (torch.float16, torch.bfloat16):  # as NMF.forward: factorize in float32
+                with torch.autocast(matrices.device.type, enabled=False):
+                    u, v = self.factorize.decompose(matrices.float())
+            else:
+                u, v = self.factorize.decompose(matrices)
+            factors.append((u, v))
+            acc = acc + window.inverse_forward((u @ v.mT).to(matrices.dtype))
+        self.recorder.record(windows, factors)
+        acc = acc / len(windows) if len(windows) > 1 else acc
         return self.dropout(self.out_proj(acc))
 
 

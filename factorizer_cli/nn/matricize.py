@@ -106,9 +106,13 @@ class Matricize(nn.Module):
         return out
 
     def inverse_forward(self, x: Tensor) -> Tensor:
-        """Put every window back in place and undo the roll: the exact inverse of ``forward``."""
+        """Put every window back in place and undo the roll: the exact inverse of ``forward``.
+
+        The rows of ``x`` may number other than ``head_dim`` (NMF component maps fold ``R`` rows per
+        head): the output then has ``num_heads × rows`` channels, head-major.
+        """
         batch = x.shape[0] // self.num_heads
-        out = x.new_empty((batch, self.num_heads * self.head_dim,
+        out = x.new_empty((batch, self.num_heads * x.shape[2],
                            *(g * p for g, p in zip(self.grid_size, self.patch_size))))
         windows, spatial = self._window_view(x), rearrange(out, self._spatial_axes, **self.axes)
         for window_index, spatial_index in self._blocks:

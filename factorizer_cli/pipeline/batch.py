@@ -56,7 +56,8 @@ def find_cases(folder: str | Path, specs, pattern: str | None = None) -> list[Ca
     if pattern:
         folders = sorted(p for p in folder.glob(pattern) if p.is_dir())
     else:
-        folders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = sorted(p for p in folder.iterdir()  # derivatives/ holds labels (BIDS), not cases
+                         if p.is_dir() and not p.name.startswith(".") and p.name != "derivatives")
     for sub in folders:
         name = "_".join(sub.relative_to(folder).parts)
         try:

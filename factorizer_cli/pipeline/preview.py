@@ -28,21 +28,35 @@ def montage(background: np.ndarray, labels: np.ndarray, affine: np.ndarray, slic
     zs = np.flatnonzero(extent.any(axis=(0, 1)))
     chosen = np.unique(np.linspace(zs[0], zs[-1], num=min(slices, len(zs))).round().astype(int))
 
-    values = image[image != 0]
-    lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
-    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    grey = display_grey(image)
 
     tiles = []
     for z in chosen:
-        # RAS array (i: right, j: anterior): rows from anterior to posterior, columns from right to left.
-        g = grey[:, :, z].T[::-1, ::-1]
-        lab = label[:, :, z].T[::-1, ::-1]
+        g, lab = axial_slice(grey, z), axial_slice(label, z)
         rgb = np.repeat(g[..., None], 3, axis=2)
         for value in np.unique(lab[lab > 0]):
             colour = np.array(COLOURS.get(int(value), _CYCLE[int(value) % len(_CYCLE)]), np.float32)
             mask = lab == value
             rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
         tiles.append(rgb.astype(np.uint8))
+    return tile_sheet(tiles, columns)
+
+
+def display_grey(image: np.ndarray) -> np.ndarray:
+    """Grey levels 0..255 (float) between the 1st and 99th percentiles of the nonzero voxels."""
+    values = image[image != 0]
+    lo, hi = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+    return np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+
+
+def axial_slice(volume: np.ndarray, z: int) -> np.ndarray:
+    """Slice ``z`` of a RAS volume (i: right, j: anterior) as shown: anterior at the top, the
+    patient's right on the left."""
+    return volume[:, :, z].T[::-1, ::-1]
+
+
+def tile_sheet(tiles: list[np.ndarray], columns: int) -> np.ndarray:
+    """Equal-size RGB tiles in rows of ``columns``, enlarged (nearest neighbour) when small."""
     zoom = max(1, 160 // max(tiles[0].shape[:2]))  # small volumes: enlarge, nearest neighbour
     tiles = [tile.repeat(zoom, axis=0).repeat(zoom, axis=1) for tile in tiles]
     rows = -(-len(tiles) // columns)

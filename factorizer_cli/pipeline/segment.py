@@ -20,6 +20,8 @@ from ..io.images import Image, read_image, write_nifti
 from ..nn.factorization import NMF
 from ..zoo.card import ModelCard
 from ..zoo.package import ModelPackage
+from .backends import OnnxModel, onnx_predictor
+from .components import ComponentCapture, ComponentMaps, ComponentRequest
 from .device import autocast, resolve_device
 from .postprocess import labels_from_probabilities, volumes_ml
 from .preprocess import Prepared, preprocess
@@ -39,6 +41,8 @@ class InferenceOptions:
     precision: str = "auto"
     nmf_iters: int | None = None
     label_convention: str | None = None
+    backend: str = "torch"  # or "onnx": ONNX Runtime runs the windows (``pipeline.backends``)
+    threads: int | None = None  # ONNX Runtime's threads (PyTorch's are the caller's to set)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Segmentation:
     label_convention: str | None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    components: ComponentMaps | None = None  # NMF component maps, if asked for (``write(folder)``)
 
     def volumes(self) -> dict[str, dict[str, float]]:
         rules = self.card.label_rules(self.label_convention)
@@ -84,8 +89,16 @@ def set_nmf_iterations(network: nn.Module, num_iters: int) -> None:
 class Segmenter:
     """A loaded model, ready to segment cases with fixed inference options."""
 
-    def __init__(self, package: ModelPackage, options: InferenceOptions = InferenceOptions()) -> None:
+    def __init__(self, package: ModelPackage | OnnxModel, options: InferenceOptions = InferenceOptions()) -> None:
         self.card, self.options = package.card, options
+        self.onnx = None
+        if options.backend == "onnx":  # one sliding window for both: ONNX Runtime takes CPU windows
+            self.onnx, self.device, self.networks = onnx_predictor(package, options), torch.device("cpu"), []
+            self.card.label_rules(options.label_convention)
+            return
+        if options.backend != "torch" or isinstance(package, OnnxModel):
+            raise ConfigError(f"backend {options.backend!r} cannot run {getattr(package, 'path', 'this model')}; "
+                              "an .onnx model runs with --backend onnx, a model package with torch or onnx")
         self.device = resolve_device(options.device)
         self._autocast = lambda: autocast(self.device, options.precision)
         self._autocast()  # validate the precision for this device now, not after preprocessing
@@ -101,8 +114,15 @@ class Segmenter:
                 set_nmf_iterations(network, options.nmf_iters)
         self.card.label_rules(options.label_convention)  # validate the convention now
 
+    @property
+    def runs_on(self) -> str:
+        """Where the windows run, for messages: the PyTorch device, or ONNX Runtime's."""
+        return str(self.device) if self.onnx is None else f"{self.onnx.device_name} (onnxruntime)"
+
     def predict_window(self, x: Tensor) -> Tensor:
         """Mean probability over the folds for a batch of windows (B, C, *roi)."""
+        if self.onnx is not None:
+            return self.onnx(x)
         total = None
         with self._autocast():
             for network in self.networks:
@@ -111,9 +131,10 @@ class Segmenter:
                 total = probs if total is None else total.add_(probs)
         return total / len(self.networks)
 
-    def infer(self, prepared: Prepared, progress: Progress | None = None) -> np.ndarray:
-        """Probabilities on the network grid (channels first)."""
-        predictor = self.predict_window
+    def infer(self, prepared: Prepared, progress: Progress | None = None,
+              capture: ComponentCapture | None = None) -> np.ndarray:
+        """Probabilities on the network grid (channels first); ``capture`` also gets its maps blended."""
+        predictor = self.predict_window if capture is None else capture.wrap(self.predict_window)
         if self.options.tta:
             predictor = mirror_tta(predictor, spatial_dims=len(self.card.roi))
         overlap = self.card.overlap if self.options.overlap is None else self.options.overlap
@@ -123,7 +144,10 @@ class Segmenter:
                 image, self.card.roi, predictor, overlap=overlap,
                 sw_batch_size=self.options.sw_batch_size, window_device=self.device,
                 output_device="cpu", progress=progress,
+                extra_dtype=torch.float32 if capture is None else capture.dtype,
             )
+        if capture is not None:
+            probabilities, capture.blended = probabilities
         return probabilities.numpy()
 
     def prepare(self, images: Sequence[Image | str | Path]) -> Prepared:
@@ -143,11 +167,15 @@ class Segmenter:
         return prepared
 
     def finish(self, prepared: Prepared, progress: Progress | None = None,
-               keep_probabilities: bool = False) -> Segmentation:
-        """Inference and postprocessing of a prepared case."""
+               keep_probabilities: bool = False, components: ComponentRequest | None = None) -> Segmentation:
+        """Inference and postprocessing of a prepared case; ``components``: NMF maps of fold 0 too."""
         seconds = {"preprocess": prepared.seconds}
+        if components is not None and self.onnx is not None:
+            raise ConfigError("NMF component maps need the PyTorch backend (--backend torch)")
+        capture = None if components is None else ComponentCapture(
+            self.networks[0], components, folds=len(self.networks), tta=self.options.tta)
         start = time.perf_counter()
-        probabilities = self.infer(prepared, progress)
+        probabilities = self.infer(prepared, progress, capture)
         seconds["inference"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -165,9 +193,11 @@ class Segmenter:
             label_convention=self.options.label_convention,
             notes=prepared.notes,
             seconds=seconds,
+            components=None if capture is None else capture.result(prepared.inverse, prepared.reference,
+                                                                    self.card.name),
         )
 
     def __call__(self, images: Sequence[Image | str | Path], progress: Progress | None = None,
-                 keep_probabilities: bool = False) -> Segmentation:
+                 keep_probabilities: bool = False, components: ComponentRequest | None = None) -> Segmentation:
         """Segment one case: images or their paths, in the card's modality order (first: reference)."""
-        return self.finish(self.prepare(images), progress, keep_probabilities)
+        return self.finish(self.prepare(images), progress, keep_probabilities, components)

@@ -13,6 +13,9 @@ two agree to float rounding (the tests check it):
 - the Gaussian has sigma ``sigma_scale * roi`` per axis, peak 1, clamped below at 1e-3;
 - an axis shorter than the roi is zero-padded, ``diff // 2`` before and the rest after; the output
   is cropped back.
+
+A predictor may return a tuple of tensors (the probabilities, then extra maps such as NMF components):
+each is blended with the same weights, extras in ``extra_dtype`` to save memory.
 """
 
 from __future__ import annotations
@@ -78,12 +81,15 @@ def sliding_window_inference(
     window_device: Device = None,
     output_device: Device = None,
     progress: Callable[[int, int], None] | None = None,
-) -> Tensor:
+    extra_dtype: torch.dtype = torch.float32,
+) -> Tensor | tuple[Tensor, ...]:
     """Blend ``predictor`` over windows of ``image`` (C, *spatial) into float32 (K, *spatial).
 
     ``predictor`` maps (B, C, *roi) to (B, K, *roi) on ``window_device``; the blend is kept on
     ``output_device`` (both default to the image's device), so a GPU can predict while the CPU holds
     a volume too large for GPU memory. ``progress(done, total)`` is called after every batch.
+    A predictor returning a tuple gives a tuple: the first blended in float32, the others in
+    ``extra_dtype``.
     """
     roi = tuple(int(r) for r in roi)
     if image.ndim != len(roi) + 1:
@@ -110,41 +116,52 @@ def sliding_window_inference(
     weight = gaussian_importance(roi, sigma_scale, device=window_device)
     weight_out = weight.to(output_device)
     weight_sum = torch.zeros(size, dtype=torch.float32, device=output_device)
-    output: Tensor | None = None
+    outputs: list[Tensor] | None = None
+    several = False
     for first in range(0, len(starts), sw_batch_size):
         boxes = [
             tuple(slice(a, a + r) for a, r in zip(start, roi))
             for start in starts[first : first + sw_batch_size]
         ]
         batch = torch.stack([image[(slice(None), *box)] for box in boxes]).to(window_device)
-        pred = predictor(batch)
-        if pred.ndim != batch.ndim or pred.shape[0] != len(boxes) or pred.shape[2:] != roi:
-            raise InputShapeError(
-                f"predictor must map {tuple(batch.shape)} to (B, K, *roi), "
-                f"returned {tuple(pred.shape)}"
-            )
-        pred = (pred.float() * weight).to(output_device)  # float32 even if predicted in float16
-        if output is None:  # K is known only now
-            output = torch.zeros((pred.shape[1], *size), dtype=torch.float32, device=output_device)
-        for box, window in zip(boxes, pred):
-            output[(slice(None), *box)] += window
+        preds = predictor(batch)
+        several = isinstance(preds, tuple)
+        preds = preds if several else (preds,)
+        for pred in preds:
+            if pred.ndim != batch.ndim or pred.shape[0] != len(boxes) or pred.shape[2:] != roi:
+                raise InputShapeError(
+                    f"predictor must map {tuple(batch.shape)} to (B, K, *roi), "
+                    f"returned {tuple(pred.shape)}"
+                )
+        if outputs is None:  # K is known only now
+            outputs = [torch.zeros((p.shape[1], *size), dtype=torch.float32 if i == 0 else extra_dtype,
+                                   device=output_device) for i, p in enumerate(preds)]
+        for output, pred in zip(outputs, preds):
+            # float32 even if predicted in float16; an extra is cast to its blend's type
+            pred = (pred.float() * weight).to(output_device, output.dtype)
+            for box, window in zip(boxes, pred):
+                output[(slice(None), *box)] += window
+            del pred, window  # `window` is a view: it too would keep this batch alive
+        for box in boxes:
             weight_sum[box] += weight_out
-        del batch, pred, window  # `window` is a view: it too would keep this batch alive
+        del batch, preds
         if progress is not None:
             progress(min(first + sw_batch_size, len(starts)), len(starts))
 
-    assert output is not None  # there is always at least one window
-    output /= weight_sum
-    if not padded:
-        return output
-    crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
-    return output[(slice(None), *crop)].clone()  # clone: do not pin the padded storage
+    assert outputs is not None  # there is always at least one window
+    for output in outputs:
+        output /= weight_sum
+    if padded:
+        crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
+        outputs = [o[(slice(None), *crop)].clone() for o in outputs]  # clone: do not pin the padded storage
+    return tuple(outputs) if several else outputs[0]
 
 
 def mirror_tta(predictor: Predictor, spatial_dims: int = 3) -> Predictor:
     """Wrap ``predictor`` to average over all 2**spatial_dims flips of the spatial axes (nnU-Net).
 
-    Each flipped input's prediction is flipped back before averaging; the average is float32.
+    Each flipped input's prediction is flipped back before averaging; the average is float32. A
+    predictor returning a tuple of tensors gives a tuple, each averaged so.
     """
     if spatial_dims < 1:
         raise ConfigError(f"spatial_dims must be at least 1, got {spatial_dims}")
@@ -154,12 +171,16 @@ def mirror_tta(predictor: Predictor, spatial_dims: int = 3) -> Predictor:
     def mirrored(x: Tensor) -> Tensor:
         if x.ndim != spatial_dims + 2:
             raise InputShapeError(f"expected (B, C) + {spatial_dims} spatial axes, got {x.shape}")
-        total: Tensor | None = None
+        total: list[Tensor] | None = None
+        several = False
         for dims in flips:
-            y = predictor(x.flip(dims) if dims else x)
-            y = (y.flip(dims) if dims else y).float()
-            total = y if total is None else total + y  # not in place: y may be the predictor's
+            ys = predictor(x.flip(dims) if dims else x)
+            several = isinstance(ys, tuple)
+            ys = [(y.flip(dims) if dims else y).float() for y in (ys if several else (ys,))]
+            # not in place: y may be the predictor's
+            total = ys if total is None else [t + y for t, y in zip(total, ys)]
         assert total is not None
-        return total / len(flips)
+        means = tuple(t / len(flips) for t in total)
+        return means if several else means[0]
 
     return mirrored

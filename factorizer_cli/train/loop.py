@@ -1,0 +1,185 @@
+"""The training loop: crops → network → Dice+BCE → AdamW, validated and checkpointed as it goes.
+
+Every step draws its crops and augmentations from ``default_rng([seed, step])`` and seeds torch the
+same way, so a run resumed from its saved state repeats exactly the steps an uninterrupted run would
+have taken. The learning rate is a function of the step alone (linear warm-up, cosine decay).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..io.images import atomic_path
+from ..nn.config import build
+from ..pipeline.segment import full_resolution_logits
+from ..pipeline.sliding_window import sliding_window_inference
+from ..zoo.card import ModelCard
+from ..zoo.package import save_package
+from .data import TrainingCase, augment, find_training_cases, load_case, region_labels, sample_batch
+from .loss import deep_supervision_loss
+from .state import STATE_FILE, RunState, load_state, save_state, saved_settings
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 50
+    foreground_fraction: float = 0.5
+    validation_cases: int = 4
+    validate_every: int = 100
+    checkpoint_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_dice: float
+    validation: dict[str, float]  # the last validation's Dice per region
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# (step, total steps, last loss, last validation Dice per region or None)
+Progress = Callable[[int, int, float, dict[str, float] | None], None]
+CaseProgress = Callable[[int, int], None]
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def validate(network: torch.nn.Module, cases: list[TrainingCase], card: ModelCard) -> dict[str, float]:
+    """Mean Dice per region over the validation cases, on the model's grid (whole volumes)."""
+    network.eval()
+    scores = np.zeros(len(card.outputs))
+    device = next(network.parameters()).device
+    with torch.inference_mode():
+        for case in cases:
+            probabilities = sliding_window_inference(
+                torch.from_numpy(case.image), card.roi,
+                lambda x: torch.sigmoid(full_resolution_logits(network, x)), overlap=card.overlap,
+                window_device=device, output_device="cpu")
+            predicted = probabilities.numpy() > card.threshold
+            for r in range(len(card.outputs)):
+                total = predicted[r].sum() + case.target[r].sum()
+                both = np.logical_and(predicted[r], case.target[r]).sum()
+                scores[r] += 1.0 if total == 0 else 2 * both / total
+    network.train()
+    return {name: round(float(s / len(cases)), 4) for name, s in zip(card.outputs, scores)}
+
+
+def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: TrainConfig = TrainConfig(),
+          resume: bool = False, device: torch.device | str = "cpu", progress: Progress | None = None,
+          case_progress: CaseProgress | None = None) -> TrainResult:
+    """Train ``card``'s architecture on ``data_dir``; write ``best/`` and ``last/`` model packages.
+
+    With ``resume`` the run continues from ``out_dir`` with the settings it started with (``config``
+    is ignored), so it ends exactly where an uninterrupted run would.
+    """
+    out = Path(out_dir)
+    if resume and not (out / STATE_FILE).is_file():
+        raise ConfigError(f"{out / STATE_FILE}: no training state to resume; start without --resume")
+    if not resume and (out / STATE_FILE).is_file():
+        raise ConfigError(f"{out}: holds a training run already; add --resume to continue it, "
+                          "or choose another output folder")
+    if resume:
+        config = TrainConfig(**saved_settings(out))  # the same split, steps and schedule as before
+    regions = region_labels(card)
+    found = find_training_cases(data_dir, card)
+    if len(found) <= config.validation_cases:
+        raise ConfigError(f"{data_dir}: {len(found)} cases, but {config.validation_cases} are held out for "
+                          "validation; add cases or lower --validation-cases")
+    cases = []
+    for i, (name, files, label) in enumerate(found):
+        cases.append(load_case(name, files, label, card, regions))
+        if case_progress is not None:
+            case_progress(i + 1, len(found))
+    held_out = cases[len(cases) - config.validation_cases:] if config.validation_cases else []
+    training = cases[: len(cases) - len(held_out)]
+
+    torch.manual_seed(config.seed)  # the initial weights
+    network = build(dict(card.architecture)).to(device).train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    run = RunState(settings=asdict(config))
+    if resume:
+        run = load_state(out, network, optimizer)
+    out.mkdir(parents=True, exist_ok=True)
+    validation = next((row["validation"] for row in reversed(run.history) if "validation" in row), {})
+    start, loss_value = time.perf_counter(), float("nan")
+    elapsed_before = run.history[-1]["seconds"] if run.history else 0.0
+    while run.step < config.steps:
+        step = run.step
+        rng = np.random.default_rng([config.seed, step])
+        torch.manual_seed(config.seed * 1_000_003 + step)
+        image, target = augment(*sample_batch(training, card.roi, config.batch_size,
+                                              config.foreground_fraction, rng), rng)
+        rate = learning_rate(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        loss = deep_supervision_loss(network(image.to(device)), target.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        run.step = step + 1
+        row: dict = {"step": run.step, "loss": round(loss_value, 5), "lr": rate,
+                     "seconds": round(elapsed_before + time.perf_counter() - start, 1)}
+        validating = bool(held_out) and (run.step % config.validate_every == 0 or run.step == config.steps)
+        if validating:
+            validation = validate(network, held_out, card)
+            row["validation"] = validation
+        run.history.append(row)
+        if validating and float(np.mean(list(validation.values()))) > run.best_dice:
+            run.best_dice = float(np.mean(list(validation.values())))
+            _save_model(out / "best", network, card, run, validation)
+        if run.step % config.checkpoint_every == 0 or run.step == config.steps or validating:
+            _save_model(out / "last", network, card, run, validation)
+            if not held_out:  # nothing to choose by: the best is the latest
+                _save_model(out / "best", network, card, run, validation)
+            save_state(out, network, optimizer, run)
+            _write_log(out, run.history, card.outputs)
+        if progress is not None:
+            progress(run.step, config.steps, loss_value, validation if validating else None)
+    seconds = run.history[-1]["seconds"] if run.history else 0.0
+    return TrainResult(run.step, run.best_dice, validation, seconds, run.history)
+
+
+def _save_model(folder: Path, network: torch.nn.Module, card: ModelCard, run: RunState,
+                validation: dict[str, float]) -> None:
+    metrics: dict = {"training_step": run.step}  # not the template card's figures: they were not ours
+    if validation:
+        metrics["validation_dice"] = validation
+    provenance = f"factorizer train, settings {json.dumps(run.settings, sort_keys=True)}"
+    trained = ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "provenance": provenance,
+                                   "description": f"Trained by factorizer train from card {card.name!r}.",
+                                   "weights": []})
+    save_package(folder, trained, [network.state_dict()])
+
+
+def _write_log(out: Path, history: list[dict], outputs) -> None:
+    """``train-log.csv``: one row per step; validation Dice on the rows where it ran."""
+    with atomic_path(out / "train-log.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss", "lr", "seconds", *(f"dice_{o}" for o in outputs)])
+        for row in history:
+            dice = row.get("validation") or {}
+            writer.writerow([row["step"], row["loss"], f"{row['lr']:.6g}", row["seconds"],
+                             *(dice.get(o, "") for o in outputs)])
