@@ -210,21 +210,9 @@ def rank1_hals_gram(nmf: NMF, xw: Tensor, heads: int) -> Tensor:
 
 def solver_update(solver: nn.Module, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``solver.update(x, u, v)`` (MU or HALS, see ``nn.factorization``) with a tensor ε."""
-    eps = tensor_eps(solver.eps, x.dtype)
-    a, b = x @ v, v.transpose(-1, -2) @ v
-    if isinstance(solver, MultiplicativeUpdate):
-        return (u * a + eps) / (u @ b + eps)
-    if not isinstance(solver, HALS):
+    if not isinstance(solver, (MultiplicativeUpdate, HALS)):
         raise ExportError(f"cannot export the NMF solver {type(solver).__name__}")
-    rank = u.shape[-1]
-    if rank == 1:
-        return torch.relu((a + eps) / (b + eps))
-    columns = list(u.unbind(-1))
-    for r in range(rank):
-        others = [j for j in range(rank) if j != r]
-        rest = torch.stack([columns[j] for j in others], -1) @ b[..., others, r : r + 1]
-        columns[r] = torch.relu((a[..., r : r + 1] - rest + eps) / (b[..., r : r + 1, r : r + 1] + eps))[..., 0]
-    return torch.stack(columns, -1)
+    return solver.update(x, u, v, eps=tensor_eps(solver.eps, x.dtype))
 
 
 def unrolled_nmf(nmf: NMF, x: Tensor) -> Tensor:

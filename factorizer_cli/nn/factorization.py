@@ -66,9 +66,11 @@ class MultiplicativeUpdate(nn.Module):
     def flops_u(m: int, n: int, r: int) -> int:
         return 2 * r * (m * n + n * r + m * r + 2 * m)
 
-    def update(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    def update(self, x: Tensor, u: Tensor, v: Tensor, eps: float | Tensor | None = None) -> Tensor:
+        """``eps`` overrides ``self.eps`` (the ONNX export passes a tensor its optimizer cannot fold away)."""
+        eps = self.eps if eps is None else eps
         a, b = x @ v, v.mT @ v
-        return (u * a + self.eps) / (u @ b + self.eps)
+        return (u * a + eps) / (u @ b + eps)
 
 
 class HALS(nn.Module):
@@ -82,9 +84,10 @@ class HALS(nn.Module):
     def flops_u(m: int, n: int, r: int) -> int:
         return 2 * r * (m * n + n * r + m * r + m)
 
-    def update(self, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    def update(self, x: Tensor, u: Tensor, v: Tensor, eps: float | Tensor | None = None) -> Tensor:
+        """``eps`` overrides ``self.eps`` (the ONNX export passes a tensor its optimizer cannot fold away)."""
         a, b = x @ v, v.mT @ v
-        eps = self.eps
+        eps = self.eps if eps is None else eps
         rank = u.shape[-1]
         if rank == 1:
             return torch.relu((a + eps) / (b + eps))
