@@ -10,6 +10,11 @@ the other. Each mode runs in a fresh process, rounds alternate.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the CPU runtime is configured before anything imports torch)
+from factorizer_cli.runtime import configure_cpu_runtime
+
+configure_cpu_runtime()  # as the `factorizer` command runs; every worker, ours and the reference, inherits it
+
 import argparse
 import json
 import statistics
@@ -51,7 +56,7 @@ def make_dataset(root: Path, cases: int) -> Path:
 
 
 def make_model(root: Path) -> Path:
-    from factorizer_cli.nn import build
+    from factorizer_cli.families import build
     from factorizer_cli.zoo.card import ModelCard
     from factorizer_cli.zoo.package import save_package
 

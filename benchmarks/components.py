@@ -21,6 +21,11 @@ for ``on``, not written).
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the CPU runtime is configured before anything imports torch)
+from factorizer_cli.runtime import configure_cpu_runtime
+
+configure_cpu_runtime()  # as the `factorizer` command runs; every worker, ours and the reference, inherits it
+
 import argparse
 import json
 import os
@@ -89,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
                         return net.predict(x)
                 return net.predict(x)
     else:
-        from factorizer_cli.nn.config import build
+        from factorizer_cli.families import build
         from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
         from factorizer_cli.zoo.card import ModelCard
         from factorizer_cli.zoo.package import save_package

@@ -19,6 +19,11 @@ Wall and CPU seconds are both recorded: on a shared machine the CPU time is the 
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the CPU runtime is configured before anything imports torch)
+from factorizer_cli.runtime import configure_cpu_runtime
+
+configure_cpu_runtime()  # as the `factorizer` command runs; every worker, ours and the reference, inherits it
+
 import argparse
 import importlib.util
 import json
@@ -38,8 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from factorizer_cli.export import ExportOptions, export_onnx  # noqa: E402
-from factorizer_cli.pipeline.backends import open_onnx  # noqa: E402
 from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter  # noqa: E402
+from factorizer_cli.zoo.onnx_file import open_onnx  # noqa: E402
 from factorizer_cli.zoo.package import open_package  # noqa: E402
 
 BACKENDS = ("torch", "onnx")
@@ -53,7 +58,7 @@ def _cpu() -> float:
 def _segmenter(backend: str, folder: str, threads: int) -> Segmenter:
     if backend == "torch":
         return Segmenter(open_package(f"{folder}/model"), InferenceOptions(device="cpu"))
-    return Segmenter(open_onnx(f"{folder}/model.onnx"), InferenceOptions(device="cpu", backend="onnx",
+    return Segmenter(open_onnx(f"{folder}/model.onnx"), InferenceOptions(device="cpu",
                                                                            threads=threads))
 
 

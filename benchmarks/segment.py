@@ -25,6 +25,11 @@ fresh process (peak RSS above the RSS before reading the images); rounds alterna
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the CPU runtime is configured before anything imports torch)
+from factorizer_cli.runtime import configure_cpu_runtime
+
+configure_cpu_runtime()  # as the `factorizer` command runs; every worker, ours and the reference, inherits it
+
 import argparse
 import json
 import math
@@ -43,7 +48,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from factorizer_cli.nn.config import build
+from factorizer_cli.families import build
 from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
 from factorizer_cli.zoo.card import ModelCard
 from factorizer_cli.zoo.package import open_package, save_package
@@ -141,7 +146,7 @@ def monai(paths, model, out, upstream=None):
         net = build(dict(package.card.architecture))
         net.load_state_dict(load_file(package.weight_files[0]))
         forward = net.eval().predict if hasattr(net, "predict") else net.eval()
-    margin = math.ceil(package.card.crop_margin_mm / 1.0)  # voxels at the case's 1 mm
+    margin = math.ceil(package.card.preprocessing.crop_margin_mm / 1.0)  # voxels at the case's 1 mm
     pre = mt.Compose([mt.LoadImaged("image"), mt.EnsureChannelFirstd("image"),
                       mt.Orientationd("image", axcodes="RAS"),
                       # as ours: crop to the voxels nonzero in any channel, grown by the card's margin

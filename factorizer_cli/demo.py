@@ -8,12 +8,12 @@ Dice of this very case, so a user can see that their install reproduces it.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io.images import atomic_path, read_image
+from .io.atomic import write_json_atomic
+from .io.images import read_image
 from .phantom import MODALITIES, case_id, generate, write_case
 from .pipeline.metrics import evaluate_case
 from .pipeline.preview import write_preview
@@ -65,6 +65,5 @@ def run_demo(out_dir: str | Path, options: InferenceOptions = InferenceOptions()
     report = {"model": package.card.name, "case": name, **result.volumes(), "dice": demo.dice,
               "hd95_mm": demo.hd95, "card_dice": demo.card_dice,
               "seconds": {k: round(v, 2) for k, v in {**seconds, **result.seconds}.items()}}
-    with atomic_path(demo.stats) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(demo.stats, report)
     return demo

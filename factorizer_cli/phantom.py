@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .io.atomic import make_folder
 from .io.images import Image, header_from_affine, write_nifti
 
 MODALITIES = ("t1n", "t1c", "t2w", "t2f")
@@ -166,7 +167,7 @@ def generate(seed: int, index: int = 0, shape: tuple[int, ...] = SHAPE) -> Phant
 def write_case(phantom: Phantom, folder: str | os.PathLike[str], name: str) -> dict[str, Path]:
     """Write ``folder/name/name-{t1n,t1c,t2w,t2f,seg}.nii.gz`` atomically; returns the paths."""
     case = Path(folder) / name
-    case.mkdir(parents=True, exist_ok=True)
+    make_folder(case, "case folder")
     reference = Image(phantom.labels, phantom.affine, header_from_affine(phantom.affine, phantom.labels.shape),
                       case / name)
     paths = {}

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
+from factorizer_cli.errors import InputError
 from factorizer_cli.pipeline.batch import find_cases, in_shard, parse_shard
 
 from .oracle import BRATS_INPUTS, oracle_package, phantom, write_case
@@ -84,19 +85,44 @@ def test_nnunet_flat_folder(tmp_path, model_dir):
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "out" / "case_002.nii.gz").dataobj), expected)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+# Each case's worker for N = 2, 3 and 8, computed once and written down: workers on other machines, other
+# Python versions or after a restart must agree, which one process calling the function twice cannot show.
+PINNED_SHARDS = {
+    "BraTS-GLI-00000-000": (2, 1, 2),
+    "BraTS-GLI-00001-000": (1, 2, 1),
+    "BraTS-GLI-00002-000": (1, 2, 7),
+    "BraTS-GLI-00003-000": (2, 1, 8),
+    "BraTS-GLI-00004-000": (2, 1, 4),
+    "BraTS-GLI-00005-000": (2, 1, 8),
+    "BraTS-GLI-00006-000": (1, 1, 1),
+    "BraTS-GLI-00007-000": (1, 3, 1),
+    "case_001": (1, 1, 3),
+    "case_002": (1, 2, 3),
+    "sub-01_ses-1": (2, 1, 4),
+    "sub-02_ses-1": (1, 3, 3),
+    "patient-é": (2, 1, 2),  # non-ASCII names hash their UTF-8 bytes
+}
+
+
+@pytest.mark.parametrize("name", PINNED_SHARDS)
+def test_each_case_keeps_its_pinned_shard(name):
+    for n, expected in zip((2, 3, 8), PINNED_SHARDS[name]):
+        assert [k for k in range(1, n + 1) if in_shard(name, k, n)] == [expected], (name, n)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
 def test_shards_partition_the_cases(n):
     names = [f"BraTS-GLI-{i:05d}-000" for i in range(200)]
     shares = [[name for name in names if in_shard(name, k, n)] for k in range(1, n + 1)]
-    assert sorted(sum(shares, [])) == sorted(names)  # every case once
-    assert all(shares) or n > len(names)
-    assert shares == [[name for name in names if in_shard(name, k, n)] for k in range(1, n + 1)]  # stable
+    assert sorted(sum(shares, [])) == sorted(names)  # every case in exactly one shard
+    assert all(shares)  # 200 names leave no worker idle
 
 
 def test_bad_shard_text():
     for text in ("0/3", "4/3", "a/b", "2"):
-        with pytest.raises(Exception, match="K/N"):
+        with pytest.raises(InputError, match="K/N"):
             parse_shard(text)
+    assert parse_shard(" 2 / 8 ") == (2, 8)
 
 
 def _segment_process(data: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
@@ -118,9 +144,20 @@ def test_two_shards_at_once_cover_every_case_once(tmp_path, model_dir):
     assert sorted(done) == sorted(p.name for p in data.iterdir())
 
 
-def _wait_for_first_output(out: Path, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline and not (out.exists() and list(out.glob("*.nii.gz"))):
+def _wait_for_first_output(out: Path, worker: subprocess.Popen, seconds: float = 120) -> None:
+    """Until the first label map lands; fails the test on timeout or if the worker exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        exited = worker.poll() is not None  # asked before looking, so a last write before exit is seen
+        if out.exists() and list(out.glob("*.nii.gz")):
+            return
+        if exited:
+            pytest.fail(f"the worker exited ({worker.returncode}) before writing a label map: "
+                        f"{worker.stderr.read().decode()}")
+        if time.monotonic() > deadline:
+            worker.kill()
+            worker.wait()
+            pytest.fail(f"no label map in {out} after {seconds:.0f} s")
         time.sleep(0.05)
 
 
@@ -135,7 +172,7 @@ def test_killed_batch_resumes_with_no_partial_output(tmp_path, model_dir):
     data, expected = _dataset(tmp_path, good=6)
     out = tmp_path / "out"
     worker = _segment_process(data, out, model_dir)
-    _wait_for_first_output(out)
+    _wait_for_first_output(out, worker)
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=60)
     assert worker.returncode == -signal.SIGKILL
@@ -154,7 +191,7 @@ def test_sigterm_stops_after_the_current_case(tmp_path, model_dir):
     data, _ = _dataset(tmp_path, good=8)
     out = tmp_path / "out"
     worker = _segment_process(data, out, model_dir)
-    _wait_for_first_output(out)
+    _wait_for_first_output(out, worker)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=120) == 0, worker.stderr.read().decode()
     summary = json.loads((out / "summary.json").read_text())

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from factorizer_cli.errors import CheckpointError, UnsafeCheckpointError
+from factorizer_cli.safe_pickle import load_checkpoint
 from factorizer_cli.zoo import load_upstream
-from factorizer_cli.zoo.safe_pickle import load_checkpoint
 
 from .conftest import FIXTURES, fixture_meta
 
@@ -115,7 +115,7 @@ def _build_on_global(module: bytes, name: bytes, attribute: bytes) -> bytes:
 def test_pickle_cannot_modify_the_stand_ins_or_torch():
     import io
 
-    from factorizer_cli.zoo.safe_pickle import Unpickler
+    from factorizer_cli.safe_pickle import Unpickler
 
     with pytest.raises(UnsafeCheckpointError, match="would modify os.system|would modify posix.system"):
         Unpickler(io.BytesIO(_build_on_global(b"os", b"system", b"dump_patches"))).load()

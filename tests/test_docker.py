@@ -26,6 +26,8 @@ from typer.testing import CliRunner
 from factorizer_cli.cli import app
 from factorizer_cli.zoo.registry import zoo_names
 
+from .oracle import oracle_package
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -302,13 +304,22 @@ def test_the_models_loop_runs_each_name_and_stops_on_failure(tmp_path):
     assert "m2" not in log.read_text(), "the loop went on after a failed download"
 
 
-def test_the_conversion_step_calls_a_real_function():
+def test_the_conversion_step_runs_against_the_installed_package(tmp_path):
+    """The loop's ``python -c`` snippet, run as the image runs it: a moved or renamed function, or a call
+    that no longer fits its signature, fails here rather than in a ``docker build`` with MODELS set."""
     (loop,) = [run for run in runs() if "${MODELS}" in run]
     code = re.search(r"python -c '([^']*)'", loop)[1]
-    compile(code, "<MODELS loop>", "exec")
-    from factorizer_cli.zoo import resolve
+    oracle_package(tmp_path / "model")
+    env = {**os.environ, "FACTORIZER_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
 
-    assert callable(resolve.resolve_model) and "from factorizer_cli.zoo.resolve import resolve_model" in code
+    def snippet(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, name], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    found = snippet(str(tmp_path / "model"))
+    assert found.returncode == 0, found.stderr
+    missing = snippet("no-such-model")  # the name given on the command line reaches resolve_model
+    assert missing.returncode != 0 and "'no-such-model'" in missing.stderr, missing.stderr
 
 
 def test_pip_and_apt_hygiene():

@@ -60,14 +60,18 @@ GUARD_BYTES = 3 * 1024**3  # more address space than any of these few-kilobyte f
 READ_SECONDS = 20.0
 CLI_SECONDS = 60.0
 
-FUZZ = settings(
+FUZZ = settings(  # example counts and derandomizing come from the profile loaded in conftest.py
     deadline=None,
-    derandomize=True,
-    database=None,
     print_blob=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much, HealthCheck.large_base_example],
 )
+
+
+def examples(scale: float) -> int:
+    """``scale`` times the loaded profile's ``max_examples``: the ci profile's 100 gives each test its full
+    count (500 header edits, ...), the quick default profile a tenth of it."""
+    return max(1, round(settings.default.max_examples * scale))
 
 
 # ------------------------------------------------------------------------------------ base images
@@ -482,37 +486,37 @@ def test_base_images_read():
             np.testing.assert_allclose(image.affine, AFFINE, atol=1e-6)
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=examples(5))
 @given(header_byte_edits())
 def test_read_header_bytes(sample):
     check_read(sample)
 
 
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=examples(5))
 @given(header_field_values())
 def test_read_header_fields(sample):
     check_read(sample)
 
 
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(1.5))
 @given(truncations())
 def test_read_truncated(sample):
     check_read(sample)
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=examples(1))
 @given(gzip_corruptions())
 def test_read_corrupt_gzip(sample):
     check_read(sample)
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=examples(2))
 @given(voxel_contents())
 def test_read_voxel_contents(sample):
     check_read(sample)
 
 
-@settings(FUZZ, max_examples=100)
+@settings(FUZZ, max_examples=examples(1))
 @given(odd_files())
 def test_read_odd_files(sample):
     check_read(sample)
@@ -558,7 +562,7 @@ def _segment(root: Path, good: dict[str, bytes], modality: str, sample: Sample):
 
 
 @pytest.mark.slow
-@settings(FUZZ, max_examples=150)
+@settings(FUZZ, max_examples=examples(1.5))
 @given(sample=ANY_SAMPLE, modality=st.sampled_from(MODALITIES))
 def test_segment_cli_never_tracebacks(cli_root, sample, modality):
     root, good = cli_root

@@ -1,6 +1,6 @@
 """The local hub server is faithful: the REAL huggingface_hub client downloads from it.
 
-Every test drives ``huggingface_hub.hf_hub_download`` (or ``snapshot_download``) against
+Every test drives ``huggingface_hub.hf_hub_download`` against
 ``tests/hub_server.py`` on 127.0.0.1 and checks both what the client returns and which requests
 it sent, so the facts the model zoo relies on (what is cached, when the network is used, how a
 cut transfer is retried, which exception means what) are pinned to the installed client.
@@ -19,13 +19,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from huggingface_hub import (
-    constants,
-    get_hf_file_metadata,
-    hf_hub_download,
-    hf_hub_url,
-    snapshot_download,
-)
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     LocalEntryNotFoundError,
@@ -142,7 +136,7 @@ def test_a_pinned_sha_keeps_the_old_bytes_after_main_moves_on(hub_server, tmp_pa
     old_sha = repo.add_commit({WEIGHTS: b"old weights", CONFIG: b"{}"})
     assert Path(_download(hub_server)).read_bytes() == b"old weights"
     new_sha = repo.add_commit({WEIGHTS: b"new weights"})
-    assert new_sha != old_sha and repo.head() == new_sha and repo.commits == [old_sha, new_sha]
+    assert new_sha != old_sha and repo.commits == [old_sha, new_sha]
 
     # Same cache: main now resolves to the new commit, the old sha is still served from disk.
     assert Path(_download(hub_server)).read_bytes() == b"new weights"
@@ -151,7 +145,7 @@ def test_a_pinned_sha_keeps_the_old_bytes_after_main_moves_on(hub_server, tmp_pa
     # Files not touched by a commit carry over.
     assert Path(_download(hub_server, CONFIG, revision=new_sha)).read_bytes() == b"{}"
 
-    # Fresh cache: the server itself serves the old bytes by full sha, short sha and tag.
+    # Fresh cache: the server itself serves the old bytes by full sha.
     fresh = tmp_path / "fresh"
     hub_server.reset_log()
     def fresh_bytes(revision: str) -> bytes:
@@ -159,21 +153,7 @@ def test_a_pinned_sha_keeps_the_old_bytes_after_main_moves_on(hub_server, tmp_pa
 
     assert fresh_bytes(old_sha) == b"old weights"
     assert hub_server.requests[0][1] == f"/{REPO}/resolve/{old_sha}/{WEIGHTS}"
-    assert fresh_bytes(old_sha[:10]) == b"old weights"
-    repo.tag("v1", old_sha)
-    assert fresh_bytes("v1") == b"old weights"
     assert fresh_bytes("main") == b"new weights"
-
-
-def test_branches_are_independent(hub_server):
-    repo = hub_server.create_repo(REPO)
-    repo.add_commit({WEIGHTS: b"main"})
-    dev_sha = repo.add_commit({WEIGHTS: b"dev"}, branch="refs/pr/1")
-    assert Path(_download(hub_server, revision="refs/pr/1")).read_bytes() == b"dev"
-    # The client sends the revision URL-quoted (refs%2Fpr%2F1).
-    assert hub_server.requests[0][1] == f"/{REPO}/resolve/refs%2Fpr%2F1/{WEIGHTS}"
-    assert Path(_download(hub_server)).read_bytes() == b"main"
-    assert dev_sha == repo.head("refs/pr/1")
 
 
 # ------------------------------------------------------------------------------- cut connections
@@ -303,15 +283,14 @@ def test_head_and_range_requests(hub_server):
     status, headers, body = _raw(hub_server, url, "HEAD")
     assert (status, body) == (200, b"")
     assert headers["X-Repo-Commit"] == sha
-    assert headers["ETag"] == headers["X-Linked-Etag"] == f'"{hashlib.sha256(data).hexdigest()}"'
-    assert headers["X-Linked-Size"] == headers["Content-Length"] == "100"
+    assert headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"' and headers["Content-Length"] == "100"
     assert headers["Accept-Ranges"] == "bytes"
     assert not [k for k in headers if k.lower().startswith("x-xet") or k.lower() == "link"]
 
     assert _raw(hub_server, url, Range="bytes=10-19")[::2] == (206, data[10:20])
     status, headers, body = _raw(hub_server, url, Range="bytes=90-")
     assert (status, body, headers["Content-Range"]) == (206, data[90:], "bytes 90-99/100")
-    assert _raw(hub_server, url, Range="bytes=-5")[::2] == (206, data[-5:])
+    assert _raw(hub_server, url, Range="bytes=95-200")[::2] == (206, data[95:])
     status, headers, _ = _raw(hub_server, url, Range="bytes=100-")
     assert (status, headers["Content-Range"]) == (416, "bytes */100")
 
@@ -321,38 +300,6 @@ def test_the_client_never_takes_the_xet_path(hub_server):
     meta = get_hf_file_metadata(hf_hub_url(REPO, WEIGHTS, endpoint=hub_server.url))
     assert meta.xet_file_data is None
     assert (meta.size, meta.etag) == (10, hashlib.sha256(b"w" * 10).hexdigest())
-
-
-def test_lfs_redirect_to_a_cdn_origin_drops_the_auth_header(hub_server):
-    data = _blob(9, 3000)
-    hub_server.create_repo(REPO).add_commit({WEIGHTS: data, CONFIG: b"{}"})
-    hub_server.lfs_redirect = True
-
-    path = _download(hub_server, token="hf_dummy_token")
-    assert Path(path).read_bytes() == data
-    (head_m, head_p, head_h), (get_m, get_p, get_h) = hub_server.requests
-    assert (head_m, head_p) == ("HEAD", f"/{REPO}/resolve/main/{WEIGHTS}")
-    assert head_h.get("Authorization") == "Bearer hf_dummy_token"
-    # The client reads metadata from the 302 itself and GETs the Location (another origin)
-    # directly, without the token.
-    assert get_m == "GET" and get_p.startswith("/cdn-lfs/") and get_h.get("Authorization") is None
-    status, headers, _ = _raw(hub_server, head_p, "HEAD")  # urllib follows the redirect
-    assert status == 200 and headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
-
-    hub_server.reset_log()  # regular (non-LFS) files are served directly, with the token
-    assert Path(_download(hub_server, CONFIG, token="hf_dummy_token")).read_bytes() == b"{}"
-    assert all(h.get("Authorization") for _, _, h in hub_server.requests)
-
-
-def test_lfs_redirect_cut_is_retried_against_the_cdn(hub_server, no_retry_sleep):
-    data = _blob(10, 12 * MiB)
-    hub_server.create_repo(REPO).add_commit({WEIGHTS: data})
-    hub_server.lfs_redirect = True
-    hub_server.cut_after(REPO, WEIGHTS, 11 * MiB)
-    assert Path(_download(hub_server)).read_bytes() == data
-    gets = _gets(hub_server)
-    assert [p.startswith("/cdn-lfs/") for _, p, _ in gets] == [True, True]
-    assert gets[1][2].get("Range") == f"bytes={10 * MiB}-"
 
 
 # --------------------------------------------------------------------------------------- tamper
@@ -380,23 +327,7 @@ def test_tampered_bytes_are_accepted_silently_by_the_client(hub_server, tmp_path
     assert Path(_download(hub_server, cache_dir=tmp_path / "clean")).read_bytes() == good
 
 
-# ------------------------------------------------------------------------- snapshot and env/setup
-
-
-def test_snapshot_download_uses_the_api_endpoints(hub_server):
-    repo = hub_server.create_repo(REPO)
-    old = repo.add_commit({WEIGHTS: b"w1", CONFIG: b"{}", "sub/extra.json": b"[]"})
-    repo.add_commit({WEIGHTS: b"w2"})
-
-    folder = Path(snapshot_download(REPO, endpoint=hub_server.url, cache_dir=hub_server.cache_dir))
-    assert (folder / WEIGHTS).read_bytes() == b"w2"
-    assert (folder / "sub" / "extra.json").read_bytes() == b"[]"
-    pinned = Path(snapshot_download(REPO, revision=old, endpoint=hub_server.url,
-                                    cache_dir=hub_server.cache_dir))
-    assert pinned.name == old and (pinned / WEIGHTS).read_bytes() == b"w1"
-    paths = [p for _, p, _ in hub_server.requests]
-    assert f"/api/models/{REPO}/revision/main" in paths
-    assert any(p.startswith(f"/api/models/{REPO}/tree/") for p in paths)
+# ---------------------------------------------------------------------------------- env and setup
 
 
 def test_hf_endpoint_is_read_at_import_time_only(monkeypatch):
@@ -425,6 +356,6 @@ def test_stop_joins_every_thread_and_frees_the_port():
         assert _raw(server, f"/{REPO}/resolve/main/{WEIGHTS}")[::2] == (200, b"w")
         assert _raw(server, "/not/a/hub/path")[0] == 404
         url = server.url
-    assert not [t for t in threading.enumerate() if t.name.startswith("hub-server-")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("hub-server")]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url + f"/{REPO}/resolve/main/{WEIGHTS}", timeout=2)

@@ -1,4 +1,5 @@
-"""Finding a case's modality files in BraTS, ISLES'22 BIDS and nnU-Net folders, and naming errors."""
+"""Finding a case's modality files, a dataset's cases and label maps in BraTS, ISLES'22 BIDS and nnU-Net
+folders, and naming errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import numpy as np
 import pytest
 
 from factorizer_cli.errors import InputError
-from factorizer_cli.io import find_modalities, match_modalities
+from factorizer_cli.io import (
+    find_cases,
+    find_label_maps,
+    find_labelled_cases,
+    find_modalities,
+    match_modalities,
+    resolve_inputs,
+)
 
 BRATS = [("t1n", ["t1"]), ("t1c", ["t1ce"]), ("t2w", ["t2"]), ("t2f", ["flair"])]
 ISLES = [("dwi", []), ("adc", []), ("flair", [])]
@@ -172,3 +180,67 @@ def test_match_modalities_errors() -> None:
 def test_specs_with_a_shared_alias_are_a_bug() -> None:
     with pytest.raises(ValueError, match="'t1' belongs to both"):
         match_modalities(["t1"], [("t1n", ["t1"]), ("t1c", ["t1"])])
+
+
+# --- dataset layouts: the one walker every command uses ------------------------------------------
+
+
+def test_find_cases_of_case_folders_and_nnunet_files(tmp_path: Path) -> None:
+    for case in ("BraTS-GLI-00001-000", "BraTS-GLI-00000-000"):
+        _touch(tmp_path, *(f"{case}/{case}-{m}.nii.gz" for m in ("t1n", "t1c", "t2w", "t2f", "seg")))
+    _touch(tmp_path, "derivatives/x_t1.nii.gz", ".hidden/y_t1.nii.gz")  # never cases
+    _touch(tmp_path, *(f"flat_{c:04d}.nii.gz" for c in (2, 0, 3, 1)), ".flat_0000.nii.gz")
+    _touch(tmp_path, "gap_0000.nii.gz", "gap_0001.nii.gz", "gap_0002.nii.gz", "gap_0004.nii.gz")
+    cases = {c.name: c for c in find_cases(tmp_path, BRATS)}
+    assert list(cases) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "flat", "gap"]
+    assert [f.name for f in cases["flat"].files] == [f"flat_{c:04d}.nii.gz" for c in range(4)]
+    assert cases["BraTS-GLI-00000-000"].files[3].name == "BraTS-GLI-00000-000-t2f.nii.gz"
+    assert cases["gap"].files == () and "gap_0000 to gap_0003" in cases["gap"].problem
+
+
+def test_find_cases_with_a_pattern_names_nested_folders(tmp_path: Path) -> None:
+    for subject in ("sub-02", "sub-01"):
+        _touch(tmp_path, *(f"{subject}/ses-1/anat/{subject}_ses-1_{m}.nii.gz" for m in ("dwi", "adc", "flair")))
+    cases = find_cases(tmp_path, ISLES, pattern="sub-*/ses-*")
+    assert [c.name for c in cases] == ["sub-01_ses-1", "sub-02_ses-1"] and all(len(c.files) == 3 for c in cases)
+
+
+def test_label_maps_of_every_layout(tmp_path: Path) -> None:
+    _touch(tmp_path, "brats/BraTS-GLI-00000-000/BraTS-GLI-00000-000-seg.nii.gz",
+           "brats/BraTS-GLI-00000-000/BraTS-GLI-00000-000-t1c.nii.gz",
+           "brats/plain/seg.nii.gz", "brats/plain/flair.nii.gz",  # a bare marker: the folder names the case
+           "brats/imagesTr/x_0000.nii.gz", "brats/labelsTr/x.nii.gz",
+           "brats/derivatives/sub-1/ses-1/sub-1_ses-1_msk.nii.gz")
+    found = {t.case: t for t in find_label_maps(tmp_path / "brats")}
+    assert sorted(found) == ["BraTS-GLI-00000-000", "plain", "sub-1_ses-1", "x"]
+    assert found["sub-1_ses-1"].aliases == ("sub-1",) and found["x"].path.parent.name == "labelsTr"
+    _touch(tmp_path, "brats/BraTS-GLI-00000-000/BraTS-GLI-00000-000_mask.nii.gz")
+    with pytest.raises(InputError, match="two ground truths for case BraTS-GLI-00000-000"):
+        find_label_maps(tmp_path / "brats")
+
+
+def test_labelled_cases_for_training_share_the_label_markers(tmp_path: Path) -> None:
+    _touch(tmp_path, *(f"a/a_{m}.nii.gz" for m in ("dwi", "adc", "flair")), "a/seg.nii.gz",
+           *(f"b/b_{m}.nii.gz" for m in ("dwi", "adc", "flair")), "b/b.label.nii.gz")
+    found = {case.name: label.name for case, label in find_labelled_cases(tmp_path, ISLES)}
+    assert found == {"a": "seg.nii.gz", "b": "b.label.nii.gz"}
+    (tmp_path / "b" / "b.label.nii.gz").unlink()
+    with pytest.raises(InputError, match="no label map for case b"):
+        find_labelled_cases(tmp_path, ISLES)
+    with pytest.raises(InputError, match="no such dataset folder"):
+        find_labelled_cases(tmp_path / "nope", ISLES)
+
+
+def test_resolve_inputs_by_folder_by_names_or_for_one_input_models(tmp_path: Path) -> None:
+    _touch(tmp_path, *(f"case/c_{m}.nii.gz" for m in ("dwi", "adc", "flair")))
+    folder = tmp_path / "case"
+    files = sorted(folder.iterdir())  # adc, dwi, flair
+    assert [p.name for p in resolve_inputs([folder], [], ISLES)] == ["c_dwi.nii.gz", "c_adc.nii.gz", "c_flair.nii.gz"]
+    assert resolve_inputs(files, ["ADC", "dwi", "flair"], ISLES) == [files[1], files[0], files[2]]
+    assert resolve_inputs(files[:1], [], [("flair", [])]) == files[:1]
+    with pytest.raises(InputError, match="no --modality; say which is which, e.g. --modality dwi adc flair"):
+        resolve_inputs(files, [], ISLES)
+    with pytest.raises(InputError, match="2 input files but 3 modality names"):
+        resolve_inputs(files[:2], ["dwi", "adc", "flair"], ISLES)
+    with pytest.raises(InputError, match="nope.nii.gz: no such file"):
+        resolve_inputs([tmp_path / "nope.nii.gz"], ["flair"], [("flair", [])])

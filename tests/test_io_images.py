@@ -21,12 +21,14 @@ import SimpleITK as sitk
 from factorizer_cli.errors import InputError, OutputError
 from factorizer_cli.io import (
     Image,
+    atomic,
     check_image,
     check_output_path,
     read_image,
     write_nifti,
     write_png,
 )
+from factorizer_cli.io.atomic import atomic_path, make_folder, write_json_atomic, write_text_atomic
 from factorizer_cli.io.png import PNG_SIGNATURE
 
 
@@ -405,6 +407,37 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(RuntimeError, match="boom"):
         write_nifti(tmp_path / "seg.nii.gz", np.ones(SHAPE, np.uint8), image, np.uint8)
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_atomic_path_maps_os_errors_to_one_line_and_lets_bugs_through(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    with pytest.raises(OutputError, match=r"report.json: cannot write \(No space left on device\); check free space"):
+        with atomic_path(target) as temporary:
+            # hidden, beside the target, named by host and process (what batch restarts clean up)
+            assert temporary.parent == tmp_path and temporary.name.endswith(".tmp.json")
+            assert temporary.name.startswith(f".report.{atomic._HOST}-{os.getpid()}.")
+            temporary.write_text("half a report")
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyError, match="a bug"):  # not an output problem: passes through, file removed
+        with atomic_path(target) as temporary:
+            temporary.write_text("x")
+            raise KeyError("a bug")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError, match="missing/r.txt: cannot write"):
+        write_text_atomic(tmp_path / "missing" / "r.txt", "x")
+    with atomic_path(tmp_path / "seg.NII.GZ") as temporary:  # writers that read the format from the name
+        assert temporary.name.endswith(".tmp.nii.gz")
+        temporary.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.NII.GZ"]
+
+
+def test_json_is_utf8_whatever_the_locale_and_folders_fail_in_one_line(tmp_path: Path) -> None:
+    write_json_atomic(tmp_path / "s.json", {"case": "patient-é"})
+    assert (tmp_path / "s.json").read_bytes() == '{\n  "case": "patient-é"\n}\n'.encode()
+    assert make_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    with pytest.raises(OutputError, match="s.json/sub: cannot create the case folder"):
+        make_folder(tmp_path / "s.json" / "sub", "case folder")
 
 
 # -------------------------------------------------------------------------------- output paths

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
-from factorizer_cli.nn import build
+from factorizer_cli.families import build
 from factorizer_cli.zoo import open_package
 from factorizer_cli.zoo.card import ModelCard
 from factorizer_cli.zoo.registry import zoo_card, zoo_names

@@ -15,13 +15,15 @@ from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
 from factorizer_cli.errors import ConfigError, DeviceError
-from factorizer_cli.export import ExportGraph, ExportOptions, export_onnx
+from factorizer_cli.export import ExportOptions, cached_onnx, export_onnx
 from factorizer_cli.export.exporter import verification_inputs
-from factorizer_cli.nn.config import build
-from factorizer_cli.pipeline.backends import OnnxPredictor, open_onnx, select_providers
-from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter, full_resolution_logits
+from factorizer_cli.families import build, full_resolution_logits
+from factorizer_cli.nn.export_graph import ExportGraph
+from factorizer_cli.pipeline.predictors import OnnxPredictor, select_providers
+from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
 from factorizer_cli.zoo import load_upstream
 from factorizer_cli.zoo.card import ModelCard
+from factorizer_cli.zoo.onnx_file import open_onnx
 from factorizer_cli.zoo.package import save_package
 from factorizer_cli.zoo.registry import zoo_names
 
@@ -103,7 +105,7 @@ def test_export_writes_a_checked_self_describing_graph(tiny_onnx, tiny_package):
     assert set(result.max_abs_diff) == {"random", "realistic"}
     assert max(result.max_abs_diff.values()) <= 1e-4
     opened = open_onnx(path)
-    assert opened.card.name == "tiny" and opened.output == "logits" and opened.nmf_iters == (5,)
+    assert opened.card.name == "tiny" and opened.output == "logits" and opened.knob_values("nmf_iters") == [5]
 
 
 @pytest.mark.parametrize("name", ["mu", pytest.param("rank2-hals", marks=pytest.mark.slow), "factmixer"])
@@ -312,8 +314,8 @@ def test_gpu_provider_runs_when_there_is_one(oracle_onnx):
 
 def test_wrong_nmf_iterations_for_a_graph(tiny_onnx):
     with pytest.raises(ConfigError, match="needs a new export"):
-        Segmenter(open_onnx(tiny_onnx[0]), InferenceOptions(backend="onnx", nmf_iters=2))
-    Segmenter(open_onnx(tiny_onnx[0]), InferenceOptions(backend="onnx", nmf_iters=5, device="cpu"))
+        Segmenter(open_onnx(tiny_onnx[0]), InferenceOptions(knobs={"nmf_iters": 2}))
+    Segmenter(open_onnx(tiny_onnx[0]), InferenceOptions(knobs={"nmf_iters": 5}, device="cpu"))
 
 
 # --- the demo model ------------------------------------------------------------------------------
@@ -342,6 +344,6 @@ def test_demo_case_labels_agree_between_backends(demo_package, tmp_path, monkeyp
     paths = phantoms.write_case(phantoms.generate(seed=2024), tmp_path / "case", "demo-case")
     images = [paths[m.name] for m in demo_package.card.modalities]
     torch_labels = Segmenter(demo_package, InferenceOptions(device="cpu"))(images).labels
-    onnx_labels = Segmenter(demo_package, InferenceOptions(device="cpu", backend="onnx"))(images).labels
+    onnx_labels = Segmenter(open_onnx(cached_onnx(demo_package)), InferenceOptions(device="cpu"))(images).labels
     agree = float((torch_labels == onnx_labels).mean())
     assert agree >= 0.999, f"labels agree on {agree:.4%} of voxels"

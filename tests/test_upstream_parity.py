@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from factorizer_cli.families.factorizer import config_from_hparams
+from factorizer_cli.safe_pickle import load_checkpoint
 from factorizer_cli.zoo import load_upstream
-from factorizer_cli.zoo.safe_pickle import load_checkpoint
-from factorizer_cli.zoo.upstream import config_from_hparams
 
 from .conftest import FIXTURE_NAMES, FIXTURES, fixture_meta
 

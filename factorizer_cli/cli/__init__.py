@@ -1,7 +1,9 @@
 """The ``factorizer`` command: parses arguments, calls the Python API, renders results.
 
-Each command lives in its own module and stays a thin layer over a library function; the library
+Each command lives in its own module and stays a thin layer over ``factorizer_cli.api``; the library
 raises typed errors that ``console.friendly_errors`` turns into one line on stderr and exit code 2.
+Commands import the API when they run, never at module level: ``factorizer --help`` then starts without
+loading PyTorch, and ``cli/`` imports no torch, numpy, nibabel or SimpleITK itself.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        import torch
+        from ..api import torch_version
 
-        typer.echo(f"factorizer-cli {__version__} (torch {torch.__version__})")
+        typer.echo(f"factorizer-cli {__version__} (torch {torch_version()})")
         raise typer.Exit()
 
 
@@ -50,16 +52,13 @@ def info() -> None:
 
     Example: factorizer info
     """
-    import torch
+    from ..api import environment
 
-    typer.echo(f"factorizer-cli {__version__}")
-    typer.echo(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    cuda = torch.cuda.is_available()
-    typer.echo(f"CUDA: {'yes, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
-    import onnxruntime
-
-    typer.echo(f"onnxruntime {onnxruntime.__version__}: {', '.join(onnxruntime.get_available_providers())}")
-
+    env = environment()
+    typer.echo(f"factorizer-cli {env.version}")
+    typer.echo(f"torch {env.torch}, {env.cpu_threads} CPU threads")
+    typer.echo(f"CUDA: {'yes, ' + env.cuda_device if env.cuda_device else 'not available'}")
+    typer.echo(f"onnxruntime {env.onnxruntime}: {', '.join(env.onnx_providers)}")
 
 from . import components as _components  # noqa: E402,F401
 from . import demo as _demo  # noqa: E402,F401

@@ -1,3 +1,5 @@
-from . import main
+"""``python -m factorizer_cli.cli``: the same entry point as the ``factorizer`` command."""
+
+from ..__main__ import main
 
 main()

@@ -9,9 +9,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import OutputError
-from ..io import check_output_path
-from ..pipeline.components import write_components_preview
 from . import app
 from .console import error_console, friendly_errors
 
@@ -57,10 +54,9 @@ def components_preview(
     right on the left), the map in black-red-yellow over the image (inside it only), scaled to its own
     99.9th percentile. The tiles are listed in order (left to right, top to bottom).
     """
-    if output.suffix.lower() != ".png":
-        raise OutputError(f"{output}: the preview is a PNG; give a name ending in .png")
-    check_output_path(output, [over])
-    shown = write_components_preview(output, folder, over, top=top, blocks=block or None, by=by.value)
+    from ..api import components_preview as write_preview
+
+    shown = write_preview(output, folder, over, top=top, blocks=block or None, by=by.value)
     if quiet:
         return
     table = Table(title=f"{output}: tiles left to right, top to bottom", title_justify="left", box=None)

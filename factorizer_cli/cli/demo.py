@@ -30,15 +30,11 @@ def demo(
 
     Example: `factorizer demo -o /tmp/demo`
     """
-    import torch
+    from ..api import run_demo, set_threads
 
-    from ..demo import run_demo
-    from ..pipeline.segment import InferenceOptions
-
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     with error_console().status("generating a phantom case and segmenting it with the demo model"):
-        result = run_demo(out_dir, InferenceOptions(device=device))
+        result = run_demo(out_dir, device=device)
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in ("region", "Dice", "card", "HD95 mm"):
         table.add_column(column, justify="left" if column == "region" else "right")

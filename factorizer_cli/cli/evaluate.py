@@ -5,18 +5,18 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..io import check_output_path
-from ..pipeline import metrics
-from ..pipeline.evaluate import Evaluation, evaluate_folders
 from . import app
 from .console import error_console, friendly_errors, progress_bar
+
+if TYPE_CHECKING:
+    from ..api import Evaluation
 
 OUTPUT_PANEL = "Reports"
 
@@ -76,14 +76,13 @@ def evaluate(
     Predictions and truths are paired by case id; each pair must share its voxel grid (shape and
     affine). The table goes to stdout; `--csv` and `--json` are written whole or not at all.
     """
-    for path in (csv, json):
-        if path is not None:
-            check_output_path(path, [])
+    from ..api import evaluate as score
+
     console = error_console()
     with progress_bar(quiet or not console.is_terminal) as bar:  # no bar's blank line in logs
         task = bar.add_task("evaluating", total=None)
-        result = evaluate_folders(pred_dir, gt_dir, regions=regions.value,
-                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+        result = score(pred_dir, gt_dir, regions=regions.value, csv=csv, json=json,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not quiet:
         if result.missing:
             console.print(f"[yellow]warning:[/] {len(result.missing)} case(s) without a prediction, scored as "
@@ -92,16 +91,12 @@ def evaluate(
             names = [p.name for p in result.unmatched_predictions]
             console.print(f"[yellow]warning:[/] {len(names)} prediction(s) without a ground truth, not scored: "
                           f"{_listing(names)}", highlight=False)
-    if csv:
-        result.write_csv(csv)
-    if json:
-        result.write_json(json)
     if not quiet:
         Console(highlight=False).print(_table(result))
 
 
 def _table(result: Evaluation) -> Table:
-    names = metrics.REGION_SETS[result.regions]
+    names, measures = result.region_names, result.metric_names
     table = Table(title=f"{len(result.cases)} cases, regions {result.regions} (HD95 in mm)",
                   title_justify="left")
     table.add_column("case", overflow="fold")
@@ -110,12 +105,12 @@ def _table(result: Evaluation) -> Table:
         table.add_column(f"{name}\nHD95", justify="right", no_wrap=True, min_width=5)
     for case in result.cases:
         label = escape(case.case) + (" [yellow]*[/]" if case.status == "missing" else "")
-        table.add_row(label, *(_cell(case.metrics[n][m], m) for n in names for m in metrics.METRICS),
+        table.add_row(label, *(_cell(case.metrics[n][m], m) for n in names for m in measures),
                       end_section=case is result.cases[-1])
     summary = result.summary()
     for statistic in ("mean", "std", "median"):
         table.add_row(f"[bold]{statistic}[/]",
-                      *(_cell(summary[n][m][statistic], m) for n in names for m in metrics.METRICS))
+                      *(_cell(summary[n][m][statistic], m) for n in names for m in measures))
     notes = []
     if result.missing:
         notes.append("* no prediction: scored as empty")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..errors import ConfigError, OutputError
-from ..io import check_output_path
-from ..zoo.resolve import resolve_model
+from ..errors import ConfigError
 from . import app
 from .console import error_console, friendly_errors
+
+if TYPE_CHECKING:
+    from ..api import ModelCard
 
 EXAMPLES = """
 **Examples**
@@ -76,22 +77,21 @@ def export_onnx_command(
     `onnx.checker`, and is run with ONNX Runtime against PyTorch on a random and a brain-like input:
     the file is written (whole, atomically) only if they agree.
     """
-    from ..export import ExportOptions, export_onnx
+    from .. import api
 
-    if output.suffix.lower() != ".onnx":
-        raise OutputError(f"{output}: the output name must end in .onnx")
-    check_output_path(output, [])
-    options = ExportOptions(opset=opset, nmf_iters=nmf_iters, fp16=fp16, batch_size=parse_batch_size(batch_size),
-                            ensemble=ensemble.value)
-    package = resolve_model(model, card=card, offline=offline).package
+    options = api.ExportOptions(opset=opset, knobs={} if nmf_iters is None else {"nmf_iters": nmf_iters}, fp16=fp16,
+                                batch_size=parse_batch_size(batch_size), ensemble=ensemble.value)
     console = error_console()
-    folds = len(package.card.weights)
-    if folds > 1:
-        what = ("one graph averaging their probabilities" if ensemble is Ensemble.average
-                else "one file per fold, each giving its logits")
-        console.print(f"{package.card.name}: {folds} folds, exported as {what}", highlight=False)
+
+    def announce(opened: ModelCard) -> None:
+        if len(opened.weights) > 1:
+            what = ("one graph averaging their probabilities" if ensemble is Ensemble.average
+                    else "one file per fold, each giving its logits")
+            console.print(f"{opened.name}: {len(opened.weights)} folds, exported as {what}", highlight=False)
+
     with console.status("exporting") as status:
-        results = export_onnx(package, output, options, verify=verify, progress=status.update)
+        results = api.export_onnx(model, output, options, card=card, offline=offline, verify=verify,
+                                  progress=status.update, on_open=announce)
     for r in results:
         diffs = ", ".join(f"{name} input {d:.2e}" for name, d in r.max_abs_diff.items()) or "not verified"
         typer.echo(f"{r.path}: {r.size_bytes / 2**20:.1f} MiB, {r.output}, exported in {r.seconds:.1f} s; "

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from ..errors import ConfigError
-from ..zoo import cache
-from ..zoo.card import ModelCard
-from ..zoo.registry import zoo_card, zoo_names
-from ..zoo.resolve import convert, fetch_weights, load_card
-from ..zoo.weights import expected_sha256, local_path, sha256_of
 from . import app
 from .console import error_console, friendly_errors
+
+if TYPE_CHECKING:
+    from ..api import ModelCard, WeightSource
 
 models_app = typer.Typer(
     name="models", help="List, download, verify, remove and import models.", no_args_is_help=True,
@@ -30,21 +26,16 @@ OFFLINE = typer.Option("--offline", help="Use only the local cache (also: HF_HUB
 
 
 def _parameters(card: ModelCard) -> str:
-    import torch
+    from ..api import parameter_count
 
-    from ..nn.config import build
-
-    with torch.device("meta"):
-        network = build(dict(card.architecture))
-    return f"{sum(p.numel() for p in network.parameters()) / 1e6:.1f} M"
+    return f"{parameter_count(card) / 1e6:.1f} M"
 
 
-def _weight_state(card: ModelCard) -> tuple[str, str]:
+def _weight_state(sources: list[WeightSource]) -> tuple[str, str]:
     """(cached, verified) for a table: how many folds are here, and how far they are vouched for."""
-    here = sum(local_path(entry, card.name) is not None for entry in card.weights)
-    statuses = {expected_sha256(entry)[1] for entry in card.weights}
+    statuses = {s.status for s in sources}
     verified = "yes" if statuses == {"verified"} else "no" if "unverified" in statuses else "trusted"
-    return f"{here}/{len(card.weights)}", verified
+    return f"{sum(s.path is not None for s in sources)}/{len(sources)}", verified
 
 
 @models_app.command("list")
@@ -59,10 +50,11 @@ def list_models() -> None:
     table.add_column("name", no_wrap=True)
     for column in ("task", "inputs", "params", "cached", "verified"):
         table.add_column(column, overflow="fold")
-    for name in zoo_names():
-        card = zoo_card(name)
-        cached, verified = _weight_state(card)
-        table.add_row(name, card.task, " ".join(m.name for m in card.modalities), _parameters(card),
+    from ..api import weight_sources, zoo_models
+
+    for card in zoo_models():
+        cached, verified = _weight_state(weight_sources(card))
+        table.add_row(card.name, card.task, " ".join(m.name for m in card.modalities), _parameters(card),
                       cached, verified)
     Console().print(table)
 
@@ -71,6 +63,8 @@ def list_models() -> None:
 @friendly_errors
 def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.")]) -> None:
     """Everything the card says about a model: inputs, geometry, outputs, labels, weights."""
+    from ..api import family_title, load_card, preprocessing_summary, weight_sources
+
     card = load_card(name)
     console = Console()
     console.print(f"[bold]{card.name}[/]: {card.task}")
@@ -78,7 +72,8 @@ def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.
         console.print(card.description, highlight=False)
     rows = [
         ("inputs", ", ".join(m.name + (f" ({'/'.join(m.aliases)})" if m.aliases else "") for m in card.modalities)),
-        ("spacing", " × ".join(f"{s:g}" for s in card.spacing) + " mm"),
+        ("network", f"{card.architecture.get('class')} ({family_title(card)})"),
+        ("preprocessing", preprocessing_summary(card)),
         ("window", " × ".join(map(str, card.roi)) + f" voxels, overlap {card.overlap:g}"),
         ("outputs", f"{', '.join(card.outputs)} ({card.activation}, threshold {card.threshold:g})"),
         ("labels", ", ".join(f"{r.label}: {card.label_names.get(str(r.label), r.region)}" for r in card.labels)),
@@ -92,11 +87,10 @@ def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.
     for key, value in rows:
         if value:
             table.add_row(key, value)
-    for i, entry in enumerate(card.weights):
-        sha, status = expected_sha256(entry)
-        here = "cached" if local_path(entry, card.name) else "not downloaded"
-        table.add_row(f"fold {entry.get('fold', i)}", f"{cache.source_key(entry)}\n{entry.get('format', 'safetensors')}, "
-                      f"{here}, {status}" + (f" (sha256 {sha[:16]}…)" if sha else ""))
+    for source in weight_sources(card):
+        here = "cached" if source.path else "not downloaded"
+        table.add_row(f"fold {source.fold}", f"{source.key}\n{source.format}, {here}, {source.status}"
+                      + (f" (sha256 {source.sha256[:16]}…)" if source.sha256 else ""))
     console.print(table)
 
 
@@ -116,14 +110,9 @@ def download(
 
     Example: `factorizer models download isles22-swin-factorizer`
     """
-    card = load_card(name)
-    if revision:
-        from dataclasses import replace
+    from ..api import download_weights, load_card
 
-        if not any(e.get("source") == "hub" for e in card.weights):
-            raise ConfigError(f"{card.name}: --revision applies to Hugging Face hub sources; this model has none")
-        card = replace(card, weights=tuple(
-            {**e, "revision": revision, "sha256": None} if e.get("source") == "hub" else e for e in card.weights))
+    card = load_card(name)
     with _download_progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -132,9 +121,9 @@ def download(
                 tasks[label] = bar.add_task(label, total=total)
             bar.update(tasks[label], completed=done, total=total)
 
-        fetched = fetch_weights(card, offline=False, progress=progress)
-    for entry, weight in zip(card.weights, fetched):
-        typer.echo(f"{cache.source_key(entry)}: {weight.status}, sha256 {weight.sha256}")
+        fetched = download_weights(card, revision=revision, progress=progress)
+    for source, weight in fetched:
+        typer.echo(f"{source.key}: {weight.status}, sha256 {weight.sha256}")
 
 
 @models_app.command()
@@ -145,24 +134,20 @@ def verify(name: Annotated[str, typer.Argument(help="Zoo name (or a model card J
     For weights without a published checksum, records the hash of your download as trusted: later
     loads then refuse a file that changes. Compare the printed hash with a reference you trust first.
     """
-    card = load_card(name)
+    from ..api import load_card, verify_cached
+
     failed = False
-    for entry in card.weights:
-        key, path = cache.source_key(entry), local_path(entry, card.name)
-        if path is None:
-            typer.echo(f"{key}: not downloaded (run `factorizer models download {name}`)")
-            failed = True
-            continue
-        digest = sha256_of(path)
-        expected, status = expected_sha256(entry)
-        if expected is None:
-            cache.trust(key, digest)
-            typer.echo(f"{key}: no published checksum; recorded sha256 {digest} as trusted")
-        elif digest == expected:
-            typer.echo(f"{key}: ok ({status}, sha256 {digest[:16]}…)")
+    for check in verify_cached(load_card(name)):
+        if check.outcome == "missing":
+            typer.echo(f"{check.key}: not downloaded (run `factorizer models download {name}`)")
+        elif check.outcome == "recorded":
+            typer.echo(f"{check.key}: no published checksum; recorded sha256 {check.sha256} as trusted")
+        elif check.outcome == "ok":
+            typer.echo(f"{check.key}: ok ({check.status}, sha256 {check.sha256[:16]}…)")
         else:
-            typer.echo(f"{key}: MISMATCH, sha256 {digest} but {expected} expected: remove and download again")
-            failed = True
+            typer.echo(f"{check.key}: MISMATCH, sha256 {check.sha256} but {check.expected} expected: remove and "
+                       "download again")
+        failed |= check.outcome in ("missing", "mismatch")
     if failed:
         raise typer.Exit(1)
 
@@ -171,20 +156,10 @@ def verify(name: Annotated[str, typer.Argument(help="Zoo name (or a model card J
 @friendly_errors
 def remove(name: Annotated[str, typer.Argument(help="Zoo name (or a model card JSON file).")]) -> None:
     """Delete a model's cached weights, converted packages and trust records."""
+    from ..api import load_card, remove_cached
+
     card = load_card(name)
-    removed = 0
-    for entry in card.weights:
-        path = local_path(entry, card.name)
-        if path is not None and entry.get("source") in ("url", "hub"):
-            target = path.resolve()
-            path.unlink(missing_ok=True)
-            if target != path:
-                target.unlink(missing_ok=True)
-            removed += 1
-    for folder in (cache.home() / "downloads" / card.name, cache.home() / "models" / card.name):
-        if folder.is_dir():
-            shutil.rmtree(folder)
-    cache.forget([cache.source_key(e) for e in card.weights])
+    removed = remove_cached(card)
     typer.echo(f"{card.name}: removed {removed} weight file(s) and cached conversions")
 
 
@@ -203,5 +178,7 @@ def import_checkpoints(
 
     Example: `factorizer models import fold0.ckpt fold1.ckpt --card isles22-swin-factorizer -o my-model/`
     """
-    package = convert(load_card(card), checkpoints, output)
+    from ..api import import_checkpoints as convert
+
+    package = convert(checkpoints, card, output)
     typer.echo(f"wrote {output} ({len(package.weight_files)} fold(s)): use it with --model {output}")

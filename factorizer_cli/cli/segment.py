@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import signal
+import threading
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from ..errors import InputError, OutputError
-from ..io import check_output_path, find_modalities, match_modalities, read_image
-from ..io.images import Image, atomic_path, nifti_suffix
-from ..nn.components import select_sites
-from ..pipeline.backends import is_onnx_path, open_onnx
-from ..pipeline.components import ComponentRequest
-from ..pipeline.preview import write_preview
-from ..pipeline.segment import InferenceOptions, Segmentation, Segmenter
-from ..zoo.resolve import load_card, resolve_model
+from ..errors import InputError
 from . import app
 from .console import error_console, friendly_errors, progress_bar
+
+if TYPE_CHECKING:
+    from ..api import CaseResult, DatasetPlan, DatasetReport, Segmentation, Segmenter
 
 IO_PANEL, INFERENCE_PANEL, EXTRA_PANEL = "Inputs and outputs", "Inference", "Extra outputs"
 BATCH_PANEL = "Folders of cases"
@@ -74,94 +69,17 @@ def split_modality_names(inputs: list[str], modality: list[str]) -> tuple[list[s
         return inputs, names
     inputs = list(inputs)
     leading, trailing = [], []
-    while inputs and not Path(inputs[0]).exists() and not nifti_suffix(Path(inputs[0])):
+    while inputs and not _names_a_file(inputs[0]):
         leading.append(inputs.pop(0))
-    while inputs and not Path(inputs[-1]).exists() and not nifti_suffix(Path(inputs[-1])):
+    while inputs and not _names_a_file(inputs[-1]):
         trailing.insert(0, inputs.pop())
     # `-m t1 t1ce t2 flair` before the files: the option took t1, the rest lead the inputs.
     return inputs, names + leading + trailing
 
 
-def resolve_inputs(inputs: list[str], modality: list[str], specs) -> list[Path]:
-    """The case's image paths in the model's modality order."""
-    files, names = split_modality_names(inputs, modality)
-    if not files:
-        raise InputError("no input images given; pass a case folder or one file per modality")
-    for file in files:
-        if not Path(file).exists():
-            raise InputError(f"{file}: no such file or folder; check the path")
-    if len(files) == 1 and Path(files[0]).is_dir() and not names:
-        return list(find_modalities(files[0], specs).values())
-    if not names:
-        if len(specs) == 1:
-            return [Path(files[0])]
-        expected = " ".join(name for name, _ in specs)
-        raise InputError(
-            f"{len(files)} input files but no --modality; say which is which, e.g. --modality "
-            f"{expected}, or pass the case folder"
-        )
-    canonical = match_modalities(names, specs)
-    if len(files) != len(canonical):
-        raise InputError(
-            f"{len(files)} input files but {len(canonical)} modality names ({' '.join(names)}); give one "
-            "file per modality, in the same order"
-        )
-    by_name = dict(zip(canonical, map(Path, files)))
-    return [by_name[name] for name, _ in specs]
-
-
-def _check_outputs(paths: list[tuple[Path, str]], inputs: list[Path]) -> None:
-    seen: dict[Path, Path] = {}
-    for path, kind in paths:
-        if kind == "nifti" and nifti_suffix(path) is None:
-            raise OutputError(f"{path}: output name must end in .nii.gz or .nii; rename it")
-        if kind == "png" and path.suffix.lower() != ".png":
-            raise OutputError(f"{path}: the preview is a PNG; give a name ending in .png")
-        check_output_path(path, inputs)
-        key = path.resolve()
-        if key in seen:
-            raise OutputError(f"{path}: given for two outputs; choose distinct names")
-        seen[key] = path
-
-
-def _check_components_folder(folder: Path) -> None:
-    """The folder for component maps: an existing folder, or a new one in a writable folder."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{folder}: --components takes a folder, and this is a file; choose another name")
-    if not folder.is_dir() and not folder.parent.is_dir():
-        raise OutputError(f"{folder}: cannot create it, {folder.parent} does not exist; create that first")
-    check_output_path((folder if folder.is_dir() else folder.parent) / "components.json", [])
-
-
-def _preview_background(paths: list[Path], result: Segmentation, card) -> Image:
-    """FLAIR when the model takes it and it shares the reference grid, else the reference image."""
-    flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
-    image = read_image(paths[flair]) if flair else result.reference
-    same_grid = (image.array.shape == result.reference.array.shape
-                 and np.allclose(image.affine, result.reference.affine, atol=1e-3))
-    return image if same_grid else result.reference
-
-
-def write_stats(path: Path, seg: Segmentation, inputs: list[Path], device: str) -> None:
-    report = {
-        "model": seg.card.name,
-        "inputs": [str(p) for p in inputs],
-        "label_convention": seg.label_convention or "default",
-        "device": device,
-        **seg.volumes(),
-        "seconds": {k: round(v, 3) for k, v in seg.seconds.items()},
-        "notes": seg.notes,
-    }
-    write_json(path, report)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """A JSON report, written whole or not at all."""
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions") from None
+def _names_a_file(text: str) -> bool:
+    """An existing path, or a NIfTI name (a missing file is reported as such, not as a modality)."""
+    return Path(text).exists() or text.lower().endswith((".nii", ".nii.gz"))
 
 
 @app.command(epilog=EXAMPLES)
@@ -251,75 +169,43 @@ def segment(
     are refused before any work; every file is written whole (temporary file, then rename), the label
     map last.
     """
+    from .. import api
+
     started = time.perf_counter()
-    engine = (backend or (Backend.onnx if is_onnx_path(model) else Backend.torch)).value
-    if engine == "onnx" and components is not None:
-        raise InputError("--components needs the PyTorch backend (--backend torch and a model package)")
-    if is_onnx_path(model):
-        package, unverified = open_onnx(model, card=load_card(card) if card else None), ()
-    else:
-        resolved = resolve_model(model, card=card, offline=offline)
-        package, unverified = resolved.package, resolved.unverified
-    model_card = package.card
-    for source in unverified:
+    opened = api.open_model(model, card=card, offline=offline, backend=backend.value if backend else None)
+    for source in opened.unverified:
         error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
-                              f"`factorizer models verify {model_card.name}` records the hash you trust",
+                              f"`factorizer models verify {opened.card.name}` records the hash you trust",
                               highlight=False)
-    to_folder = output.is_dir() or (nifti_suffix(output) is None and not output.suffix)
-    if to_folder and len(inputs) == 1 and Path(inputs[0]).is_dir():
+    to_folder = output.is_dir() or not output.suffix  # -o FOLDER: a dataset in, a label map per case out
+    dataset = to_folder and len(inputs) == 1 and Path(inputs[0]).is_dir()
+    if dataset:
         if probabilities or stats or preview or components:
             raise InputError("--probabilities, --stats, --preview and --components are for one case "
                              "(-o FILE.nii.gz)")
-        options = InferenceOptions(overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
-                                   precision=precision.value, nmf_iters=nmf_iters,
-                                   label_convention=label_convention, backend=engine, threads=threads)
-        failed = segment_folder(Path(inputs[0]), output, package, options, overwrite, shard, quiet, threads,
-                                pattern)
-        raise typer.Exit(1 if failed else 0)
-    paths = resolve_inputs(inputs, modality or [], model_card.modality_specs)
-    extra = [(p, kind) for p, kind in ((probabilities, "nifti"), (stats, "json"), (preview, "png")) if p]
-    _check_outputs([(output, "nifti"), *extra], paths)
-    request = None
-    if components is not None:
-        _check_components_folder(components)
-        blocks = None if component_blocks is None else tuple(b for b in component_blocks.split(",") if b.strip())
-        request = ComponentRequest(blocks=blocks, dtype=component_dtype.value)
+        plan = api.plan_dataset(opened.card, inputs[0], output, overwrite=overwrite, shard=shard, pattern=pattern)
+    else:
+        files, names = split_modality_names(inputs, modality or [])
+        blocks = None if component_blocks is None else [b.strip() for b in component_blocks.split(",") if b.strip()]
+        plan = api.plan_case(opened.card, files, output, modalities=names, probabilities=probabilities, stats=stats,
+                             preview=preview, components=components, component_blocks=blocks,
+                             component_dtype=component_dtype.value, backend=opened.backend)
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    segmenter = Segmenter(package, InferenceOptions(
-        overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
-        precision=precision.value, nmf_iters=nmf_iters, label_convention=label_convention,
-        backend=engine, threads=threads,
-    ))
-    _warn(segmenter)
-    if request is not None:
-        select_sites(segmenter.networks[0], request.blocks)  # a wrong block name fails now, not after inference
+    api.set_threads(threads)
+    knobs = {} if nmf_iters is None else {"nmf_iters": nmf_iters}
+    segmenter = api.load_segmenter(opened, overlap=overlap, sw_batch_size=sw_batch_size, tta=tta, device=device,
+                                   precision=precision.value, knobs=knobs, label_convention=label_convention,
+                                   threads=threads)
+    for warning in segmenter.warnings:
+        error_console().print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if dataset:
+        report = _run_dataset(plan, segmenter, quiet)
+        raise typer.Exit(1 if report.failed else 0)
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"segmenting on {segmenter.runs_on}", total=None)
-        result = segmenter(paths, progress=lambda done, total: bar.update(task, completed=done, total=total),
-                           keep_probabilities=probabilities is not None, components=request)
-
-    # Extras first, the label map last: a label map on disk means the whole case is done.
-    if probabilities:
-        result.write_probabilities(probabilities)
-    if stats:
-        write_stats(stats, result, paths, segmenter.runs_on)
-    if preview:
-        write_preview(preview, _preview_background(paths, result, model_card).array, result.labels,
-                      result.reference.affine)
-    if result.components is not None:
-        result.components.write(components)
-    result.write(output)
+        result = plan.run(segmenter, progress=lambda done, total: bar.update(task, completed=done, total=total))
     if not quiet:
         _summary(result, output, time.perf_counter() - started, segmenter.runs_on)
-
-
-def _warn(segmenter: Segmenter) -> None:
-    for warning in segmenter.onnx.warnings if segmenter.onnx is not None else []:
-        error_console().print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 def _summary(result: Segmentation, output: Path, seconds: float, device: str) -> None:
@@ -338,51 +224,27 @@ def _summary(result: Segmentation, output: Path, seconds: float, device: str) ->
     console.print(f"done in {seconds:.1f} s on {device}", highlight=False)
 
 
-def segment_folder(folder: Path, output_dir: Path, package, options: InferenceOptions, overwrite: bool,
-                   shard: str | None, quiet: bool, threads: int | None, pattern: str | None = None) -> int:
-    """Batch mode of ``segment``; returns the number of failed cases."""
-    import signal
-    import threading
-
-    from ..pipeline.batch import find_cases, in_shard, parse_shard, run_batch
-
-    k, n = parse_shard(shard) if shard else (1, 1)
-    cases = [c for c in find_cases(folder, package.card.modality_specs, pattern) if in_shard(c.name, k, n)]
-    if not cases:
-        raise InputError(f"{folder}: no cases found{f' in shard {k}/{n}' if n > 1 else ''}; give a folder of "
-                         "case folders (BraTS, ISLES) or of nnU-Net files (CASE_0000.nii.gz)")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{output_dir}: cannot create the output folder ({err.strerror})") from None
-    check_output_path(output_dir / "summary.json", [])
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    segmenter = Segmenter(package, options)
-    _warn(segmenter)
+def _run_dataset(plan: DatasetPlan, segmenter: Segmenter, quiet: bool) -> DatasetReport:
+    """Batch mode: a progress bar, failures as they come, SIGTERM ends after the current case."""
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console = error_console()
     try:
         with progress_bar(quiet) as bar:
-            task = bar.add_task(f"{len(cases)} cases on {segmenter.runs_on}", total=len(cases))
+            task = bar.add_task(f"{len(plan.cases)} cases on {segmenter.runs_on}", total=len(plan.cases))
 
-            def report(result, done, total):
+            def report_case(result: CaseResult, done: int, total: int) -> None:
                 bar.update(task, completed=done)
                 if result.status == "failed" and not quiet:
                     console.print(f"[red]failed:[/] {result.name}: {result.error.splitlines()[0]}", highlight=False)
 
-            results = run_batch(cases, segmenter, output_dir, overwrite=overwrite, stop=stop, on_result=report)
+            report = plan.run(segmenter, stop_event=stop, on_result=report_case)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    name = "summary.json" if n == 1 else f"summary-{k}-of-{n}.json"
-    write_json(output_dir / name, {"model": package.card.name, "shard": f"{k}/{n}", "stopped": stop.is_set(),
-                                   "cases": [vars(r) for r in results]})
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    path = report.write()
+    counts = report.counts
     if not quiet:
         console.print(f"{counts['done']} done, {counts['skipped']} skipped (already there), {counts['failed']} "
-                      f"failed{', stopped by SIGTERM' if stop.is_set() else ''}; summary in {output_dir / name}",
+                      f"failed{', stopped by SIGTERM' if report.stopped else ''}; summary in {path}",
                       highlight=False)
-    return counts["failed"]
+    return report

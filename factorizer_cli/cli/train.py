@@ -42,11 +42,11 @@ def phantom(
 
     Example: `factorizer phantom data/phantoms --cases 20 --seed 7`
     """
-    from ..phantom import generate_dataset
+    from ..api import generate_phantoms
 
     with progress_bar(quiet) as bar:
         task = bar.add_task("phantoms", total=cases)
-        folders = generate_dataset(out_dir, cases, seed, lambda done, total: bar.update(task, completed=done))
+        folders = generate_phantoms(out_dir, cases, seed, lambda done, total: bar.update(task, completed=done))
     if not quiet:
         error_console().print(f"wrote {len(folders)} cases to {out_dir}")
 
@@ -84,15 +84,10 @@ def train(
     crash from its last saved state (`--resume`) and ends exactly where it would have (on the CPU; on
     a GPU up to the nondeterminism of its kernels). Every case is held in memory on the model's grid.
     """
-    import torch
+    from ..api import TrainConfig, set_threads
+    from ..api import train as run_training
 
-    from ..pipeline.device import resolve_device
-    from ..train import TrainConfig
-    from ..train import train as run_training
-    from ..zoo.resolve import load_card
-
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     config = TrainConfig(steps, batch_size, learning_rate, weight_decay, warmup_steps, foreground,
                          validation_cases, validate_every, checkpoint_every, seed)
     console = error_console()
@@ -111,8 +106,8 @@ def train(
                 dice = "  ".join(f"{k} {v:.3f}" for k, v in validation.items())
                 console.print(f"step {step}: validation Dice {dice}", highlight=False)
 
-        result = run_training(data_dir, load_card(card), out_dir, config, resume, resolve_device(device),
-                              on_step, on_case)
+        result = run_training(data_dir, card, out_dir, config, resume=resume, device=device, on_step=on_step,
+                              on_case=on_case)
     dice = "  ".join(f"{k} {v:.3f}" for k, v in result.validation.items())
     typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; last validation Dice {dice}; "
                f"best model: {out_dir / 'best'}")

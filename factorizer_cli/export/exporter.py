@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,26 +30,32 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import ConfigError, ExportError, one_line
-from ..io.images import atomic_path
-from ..pipeline.backends import META_CARD, META_NMF_ITERS, META_OUTPUT
-from ..pipeline.segment import full_resolution_logits, set_nmf_iterations
+from ..families import Family, family_of, full_resolution_logits
+from ..io.atomic import atomic_path
 from ..zoo import cache
 from ..zoo.card import ModelCard
+from ..zoo.onnx_file import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    META_CARD,
+    META_EXPORTED_BY,
+    META_FOLDS,
+    META_FORMAT,
+    META_OUTPUT,
+    META_SOURCE,
+    knob_key,
+)
 from ..zoo.package import ModelPackage, sha256_of
-from .graph import ExportGraph
 
-FORMAT_VERSION = "1"
 DEFAULT_OPSET = 20  # 20: ONNX has GELU (opset 18 spells it out as Erf, Div, Add, Mul)
 ENSEMBLES = ("average", "folds")
-INPUT_NAME = "image"
-META_FOLDS, META_FORMAT = "factorizer.folds", "factorizer.format"
 TOLERANCE_FP32, TOLERANCE_FP16 = 1e-4, 5e-2  # largest |ONNX Runtime - PyTorch| accepted
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     opset: int = DEFAULT_OPSET
-    nmf_iters: int | None = None  # None: as trained
+    knobs: Mapping[str, int] = field(default_factory=dict)  # the family's, e.g. {"nmf_iters": 2}; else as trained
     fp16: bool = False
     batch_size: int | None = 1  # None: dynamic
     ensemble: str = "average"
@@ -65,12 +71,29 @@ class ExportedFile:
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # per verification input
 
 
+class SliceWindow(nn.Module):
+    """A slice-wise 2D graph seen as one for windows ``[H, W, 1]``, like the 3D models' graphs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.module(x[..., 0]).unsqueeze(-1)
+
+
+def window_graph(family: Family, network: nn.Module, card: ModelCard) -> nn.Module:
+    """The module traced for one network: the family's export form, taking the card's windows."""
+    module = family.export_module(family.prepare(network))
+    return module if card.preprocessing.slice_context is None else SliceWindow(module)
+
+
 class EnsembleGraph(nn.Module):
     """The folds' mean probability (sigmoid or softmax of each fold's logits)."""
 
-    def __init__(self, networks: Sequence[nn.Module], activation: str) -> None:
+    def __init__(self, folds: Sequence[nn.Module], activation: str) -> None:
         super().__init__()
-        self.folds = nn.ModuleList(ExportGraph(n) for n in networks)
+        self.folds = nn.ModuleList(folds)
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
@@ -97,30 +120,33 @@ def export_onnx(
         raise ConfigError(f"unknown ensemble mode {options.ensemble!r}; use one of {', '.join(ENSEMBLES)}")
     if options.batch_size is not None and options.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 or 'dynamic', got {options.batch_size}")
-    networks = package.load_networks("cpu")
-    if options.nmf_iters is not None:
-        for network in networks:
-            set_nmf_iterations(network, options.nmf_iters)
     card = package.card
+    family = family_of(card.architecture)
+    networks = package.load_networks("cpu")
+    for network in networks:
+        family.set_knobs(network, options.knobs)
+    graphs = [window_graph(family, n, card) for n in networks]
     source = [entry.get("sha256") or sha256_of(path) for entry, path in zip(card.weights, package.weight_files)]
     if options.ensemble == "folds" and len(networks) > 1:
-        jobs = [(output.with_name(f"{output.stem}.fold{i}.onnx"), i, [n]) for i, n in enumerate(networks)]
+        jobs = [(output.with_name(f"{output.stem}.fold{i}.onnx"), i, [i]) for i in range(len(networks))]
     else:
-        jobs = [(output, None, networks)]
+        jobs = [(output, None, list(range(len(networks))))]
     results = []
-    for path, fold, nets in jobs:
+    for path, fold, indices in jobs:
         if progress:
             progress(f"exporting {path.name}")
-        module = ExportGraph(nets[0]) if len(nets) == 1 else EnsembleGraph(nets, card.activation)
-        kind = "logits" if len(nets) == 1 else "probabilities"
+        nets = [networks[i] for i in indices]
+        module = graphs[indices[0]] if len(indices) == 1 else EnsembleGraph([graphs[i] for i in indices],
+                                                                             card.activation)
+        kind = "logits" if len(indices) == 1 else "probabilities"
         metadata = {
             META_FORMAT: FORMAT_VERSION,
             META_CARD: json.dumps({**card.to_dict(), "weights": []}),
             META_OUTPUT: kind,
-            META_NMF_ITERS: json.dumps(_nmf_iterations(nets)),
-            META_FOLDS: json.dumps([fold] if fold is not None else list(range(len(nets)))),
-            "factorizer.source_sha256": json.dumps(source if fold is None else [source[fold]]),
-            "factorizer.exported_by": f"factorizer-cli {__version__}, torch {torch.__version__}",
+            **{knob_key(name): json.dumps(values) for name, values in family.knob_values(nets).items()},
+            META_FOLDS: json.dumps([fold] if fold is not None else indices),
+            META_SOURCE: json.dumps(source if fold is None else [source[fold]]),
+            META_EXPORTED_BY: f"factorizer-cli {__version__}, torch {torch.__version__}",
         }
         start = time.perf_counter()
         model = to_onnx(module, card, options, metadata)
@@ -144,7 +170,7 @@ def to_onnx(module: nn.Module, card: ModelCard, options: ExportOptions, metadata
     dtype = torch.float16 if options.fp16 else torch.float32
     module = module.to(dtype)
     batch = options.batch_size or 2  # a dynamic batch is traced at 2 (1 would be specialized)
-    example = torch.zeros(batch, len(card.modalities), *card.roi, dtype=dtype)
+    example = torch.zeros(batch, card.in_channels, *card.roi, dtype=dtype)
     dynamic = None if options.batch_size else ({0: torch.export.Dim("batch", min=1, max=1024)},)
     log, logger = io.StringIO(), logging.getLogger("torch.onnx")
     level = logger.level
@@ -177,19 +203,8 @@ def to_onnx(module: nn.Module, card: ModelCard, options: ExportOptions, metadata
 def _save(model, path: Path) -> None:
     import onnx
 
-    try:
-        with atomic_path(path) as tmp:
-            onnx.save_model(model, str(tmp))
-    except OSError as err:
-        from ..errors import OutputError
-
-        raise OutputError(f"{path}: cannot write ({err.strerror or err}); check free space and permissions") from None
-
-
-def _nmf_iterations(networks: Sequence[nn.Module]) -> list[int]:
-    from ..nn.factorization import NMF
-
-    return sorted({m.num_iters for n in networks for m in n.modules() if isinstance(m, NMF)})
+    with atomic_path(path) as tmp:  # an OSError becomes one OutputError naming the file
+        onnx.save_model(model, str(tmp))
 
 
 # --- verification --------------------------------------------------------------------------------
@@ -197,7 +212,7 @@ def _nmf_iterations(networks: Sequence[nn.Module]) -> list[int]:
 def verification_inputs(card: ModelCard, batch: int, seed: int = 0) -> dict[str, Tensor]:
     """A random input and a real-looking one (a z-scored brain-like ellipsoid with a lesion, zero outside)."""
     rng = np.random.default_rng(seed)
-    shape = (batch, len(card.modalities), *card.roi)
+    shape = (batch, card.in_channels, *card.roi)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in card.roi], indexing="ij"))
     brain = (grid**2).sum(0) < 0.7
     lesion = ((grid - np.array([0.3, -0.2, 0.1])[:, None, None, None]) ** 2).sum(0) < 0.04
@@ -232,7 +247,10 @@ def verify_model(model: bytes | str | Path, networks: Sequence[nn.Module], card:
     diffs = {}
     for name, x in verification_inputs(card, options.batch_size or 2).items():
         with torch.inference_mode():
-            outs = [full_resolution_logits(n, x).float() for n in networks]
+            if card.preprocessing.slice_context is None:
+                outs = [full_resolution_logits(n, x).float() for n in networks]
+            else:
+                outs = [full_resolution_logits(n, x[..., 0]).unsqueeze(-1).float() for n in networks]
             if output == "probabilities":
                 outs = [torch.sigmoid(o) if card.activation == "sigmoid" else o.softmax(1) for o in outs]
             expected = torch.stack(outs).mean(0).numpy()
@@ -251,16 +269,16 @@ def verify_model(model: bytes | str | Path, networks: Sequence[nn.Module], card:
 
 # --- exports made on demand (segment --backend onnx with a model package) ------------------------
 
-def cached_onnx(package: ModelPackage, nmf_iters: int | None = None, opset: int = DEFAULT_OPSET) -> Path:
+def cached_onnx(package: ModelPackage, knobs: Mapping[str, int] | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """The package exported once (averaged folds, float32, batch 1) into the cache; its path."""
     weights = [e.get("sha256") or sha256_of(p) for e, p in zip(package.card.weights, package.weight_files)]
-    described = json.dumps({**package.card.to_dict(), "weights": weights, "nmf_iters": nmf_iters,
+    described = json.dumps({**package.card.to_dict(), "weights": weights, "knobs": dict(knobs or {}),
                             "opset": opset, "format": FORMAT_VERSION, "torch": torch.__version__},
                            sort_keys=True)
     key = hashlib.sha256(described.encode()).hexdigest()[:16]
     path = cache.home() / "onnx" / package.card.name / key / "model.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        options = ExportOptions(opset=opset, nmf_iters=nmf_iters)
+        options = ExportOptions(opset=opset, knobs=dict(knobs or {}))
         export_onnx(package, path, options, verify=True)
     return path

@@ -16,9 +16,6 @@ from __future__ import annotations
 import gzip
 import locale
 import os
-import re
-import secrets
-import socket
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,8 +30,9 @@ from nibabel.spatialimages import HeaderDataError
 
 from ..errors import InputError, OutputError, one_line
 from . import geometry
+from .atomic import _HOST, atomic_path, remove_stale_temporaries  # noqa: F401  (old home of the last two)
+from .cases import NIFTI_SUFFIXES, nifti_suffix  # noqa: F401  (re-exported: many readers name them here)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ACCEPTED = "a .nii or .nii.gz file, or a folder holding one DICOM series"
 # What nibabel, gzip and zlib raise on a truncated or corrupt file, depending on where it breaks.
 _READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, OverflowError, ImageFileError, HeaderDataError)
@@ -135,12 +133,6 @@ def _check_shape(shape: tuple[int, ...], path: Path) -> None:
         raise InputError(f"{path}: header declares the impossible shape {shape}; the file is corrupt")
     if len(shape) < 3 or min(shape) == 1:
         raise InputError(f"{path}: 2D image of shape {shape}; give a 3D volume")
-
-
-def nifti_suffix(path: Path) -> str | None:
-    """The NIfTI suffix of ``path`` (``.nii.gz`` or ``.nii``, lower case), or None."""
-    name = path.name.lower()
-    return next((suffix for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
 
 
 def _read_nifti(path: Path) -> Image:
@@ -356,58 +348,6 @@ def _nifti1_header_from(header: nib.Nifti1Header) -> nib.Nifti1Header:
 # ----------------------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a hidden temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
-
-    The temporary keeps the (lower-cased) suffix, so writers that pick a format by name still work.
-    A reader therefore sees either the old file or the complete new one, never a partial file, and a
-    failed write leaves nothing behind: this is what makes re-running a batch job safe.
-    """
-    path = Path(path)
-    suffix = nifti_suffix(path) or path.suffix.lower()
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    # Named by host and process, so a later run can tell the leftovers of a killed writer.
-    temporary = path.with_name(f".{stem}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
-    try:
-        yield temporary
-        with open(temporary, "rb+") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
-_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
-
-
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
-    """Delete the temporary files that killed writers of this host left in ``folder``; returns how many.
-
-    Only files of processes that no longer exist on this machine: writers still at work here, and
-    those of other machines sharing the folder, are left alone.
-    """
-    removed = 0
-    for file in Path(folder).glob(".*.tmp*"):
-        match = _TEMPORARY.match(file.name)
-        if match and match.group("host") == _HOST and not _alive(int(match.group("pid"))):
-            file.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def write_nifti(
     path: str | os.PathLike[str], array: np.ndarray, reference: Image, dtype: np.dtype | type | str,
     slope: float = 1.0,
@@ -438,14 +378,8 @@ def write_nifti(
     image = nib.Nifti1Image(data, None, header=header)  # None: nibabel keeps the header's forms
     # After construction: nibabel resets scaling on a header passed in, and NaN means "choose one".
     image.header.set_slope_inter(float(slope), 0.0)
-    try:
-        with atomic_path(path) as temporary:
-            nib.save(image, temporary)
-    except OSError as exc:
-        raise OutputError(
-            f"{path}: cannot write ({exc.strerror or one_line(exc)}); check free space and "
-            "permissions of the output folder"
-        ) from exc
+    with atomic_path(path) as temporary:
+        nib.save(image, temporary)
 
 
 def _cast(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -517,3 +451,39 @@ def check_output_path(
             raise OutputError(
                 f"{path}: output would overwrite the input {source}; choose another output name"
             )
+
+
+# What each kind of output must be named, and how to say so.
+_OUTPUT_NAMES = {
+    "nifti": (lambda path: nifti_suffix(path) is not None, "output name must end in .nii.gz or .nii; rename it"),
+    "png": (lambda path: path.suffix.lower() == ".png", "the preview is a PNG; give a name ending in .png"),
+    "onnx": (lambda path: path.suffix.lower() == ".onnx", "the output name must end in .onnx"),
+}
+
+
+def check_outputs(
+    outputs: Sequence[tuple[str | os.PathLike[str], str]], inputs: Sequence[str | os.PathLike[str]]
+) -> None:
+    """``check_output_path`` for every ``(path, kind)`` of one run, and more: names that fit the kind
+    (``nifti``, ``png``, ``onnx``; any other kind, e.g. ``json``, takes any name), no path twice."""
+    seen: set[Path] = set()
+    for path, kind in outputs:
+        path = Path(path)
+        fits, fix = _OUTPUT_NAMES.get(kind, (lambda _: True, ""))
+        if not fits(path):
+            raise OutputError(f"{path}: {fix}")
+        check_output_path(path, inputs)
+        if path.resolve() in seen:
+            raise OutputError(f"{path}: given for two outputs; choose distinct names")
+        seen.add(path.resolve())
+
+
+def check_output_folder(folder: str | os.PathLike[str], option: str, marker: str) -> None:
+    """An output folder: an existing one, or a new one in an existing folder; ``marker`` is a file the
+    writer puts in it (checked writable). ``option`` names the setting in messages (``--components``)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: {option} takes a folder, and this is a file; choose another name")
+    if not folder.is_dir() and not folder.parent.is_dir():
+        raise OutputError(f"{folder}: cannot create it, {folder.parent} does not exist; create that first")
+    check_output_path((folder if folder.is_dir() else folder.parent) / marker, [])

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError
-from .images import atomic_path
+from .atomic import atomic_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _RGB8 = (8, 2, 0, 0, 0)  # bit depth 8, colour type 2 (RGB), deflate, filter method 0, no interlace
@@ -51,14 +50,8 @@ def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     """
     path = Path(path)
     data = encode_png(rgb)
-    try:
-        with atomic_path(path) as temporary:
-            temporary.write_bytes(data)
-    except OSError as exc:
-        raise OutputError(
-            f"{path}: cannot write ({exc.strerror or exc}); check free space and permissions of "
-            "the output folder"
-        ) from exc
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,7 +1,6 @@
 """Pure PyTorch Factorizer layers and networks: no I/O, no CLI."""
 
 from .blocks import FactMixer, FactMixerBlock, FactorizerBlock, FactorizerStage, FactorizerSubblock
-from .config import build
 from .factorization import HALS, NMF, MultiplicativeUpdate, RandomInit, relative_error
 from .layers import MLP, LayerNorm, Linear, PositionalEmbedding, Residual
 from .matricize import Matricize, SWMatricize
@@ -14,5 +13,5 @@ __all__ = [
     "Linear", "LayerNorm", "MLP", "PositionalEmbedding", "Residual",
     "FactorizerSubblock", "FactMixer", "FactorizerBlock", "FactMixerBlock", "FactorizerStage",
     "UNet", "SegmentationFactorizer", "Factorizer",
-    "build", "partialize",
+    "partialize",
 ]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .factorization import NMF
 from .layers import MLP, LayerNorm, Linear, Residual, mlp_residual_, norm_linear
-from .matricize import Matricize
+from .matricize import Matricize, partition_mean, partition_mean_
 from .partial import PartialSpec, partialize
 
 _SLAB_ELEMENTS = 1 << 23  # inference matricizes ~32 MB of windows at a time, not the whole map
@@ -60,67 +60,51 @@ class FactorizerSubblock(nn.Module):
         if self._relu_act and hasattr(self.factorize, "input_is_nonnegative"):
             self.factorize.input_is_nonnegative = True
 
+    @property
+    def windows(self) -> list[nn.Module]:
+        """The window partitions: one Matricize per shift."""
+        return list(getattr(self.tensorize, "shifted_windows", [self.tensorize]))
+
     def forward(self, x: Tensor, norm: nn.Module | None = None) -> Tensor:
         """``norm`` (optional) is applied to ``x`` first: the block's pre-norm, fused in at inference."""
-        windows = getattr(self.tensorize, "shifted_windows", [self.tensorize])
         if self.recorder is not None:
-            return self._forward_recorded(x, norm, windows)
+            return self._forward_recorded(x, norm)
         if not _inference(self):
             # The reference path, autograd-friendly: the same sum as upstream's stack-then-split.
             out = self.in_proj(x if norm is None else norm(x))
-            acc = 0.0
-            for window in windows:
-                acc = acc + window.inverse_forward(self.factorize(self.act(window(out))))
-            acc = acc / len(windows) if len(windows) > 1 else acc
+            acc = partition_mean(out, self.windows, lambda m: self.factorize(self.act(m)))
             return self.dropout(self.out_proj(acc))
 
-        # Inference: one window partition at a time, a slab of windows at a time, each folded back
-        # into one accumulator in place, the NMF reconstruction written over its own input. An
-        # elementwise ReLU commutes with the partition, so it is applied once, up front.
+        # Inference: a slab of windows at a time, folded back in place, the NMF reconstruction written
+        # over its own input. An elementwise ReLU commutes with the partition: applied once, up front.
         if isinstance(norm, LayerNorm):
             out = norm_linear(x, norm, self.in_proj)
         else:
             out = self.in_proj(x if norm is None else norm(x))
         if self._relu_act:
             out = out.relu_()
-        acc = torch.zeros_like(out)
-        rows = windows[0].grid_size[0]
-        step = max(1, rows * _SLAB_ELEMENTS // out.numel())  # window rows per slab
-        for window in windows:
-            for start in range(0, rows, step):
-                slab = (start, min(start + step, rows))
-                matrices = window(out, rows=slab)
-                if not self._relu_act:
-                    matrices = self.act(matrices)
-                if isinstance(self.factorize, NMF):
-                    folded = self.factorize(matrices, overwrite_input=True)
-                else:
-                    folded = self.factorize(matrices)
-                del matrices
-                window.fold_add_(acc, folded, rows=slab)
-                del folded
+        overwrite = {"overwrite_input": True} if isinstance(self.factorize, NMF) else {}
+
+        def factorize(matrices: Tensor) -> Tensor:
+            return self.factorize(matrices if self._relu_act else self.act(matrices), **overwrite)
+
+        acc = partition_mean_(out, self.windows, factorize, _SLAB_ELEMENTS)
         del out
-        if len(windows) > 1:
-            acc = acc.div_(len(windows))
         return self.dropout(self.out_proj(acc))
 
-    def _forward_recorded(self, x: Tensor, norm: nn.Module | None, windows: list[nn.Module]) -> Tensor:
+    def _forward_recorded(self, x: Tensor, norm: nn.Module | None) -> Tensor:
         """The reference path with the factors kept and handed to ``self.recorder`` (opt-in, slower)."""
         if not isinstance(self.factorize, NMF):
             raise ConfigError(f"component capture needs an NMF factorization, not {type(self.factorize).__name__}")
-        out = self.in_proj(x if norm is None else norm(x))
-        acc, factors = 0.0, []
-        for window in windows:
-            matrices = self.act(window(out))
-            if matrices.dtype in (torch.float16, torch.bfloat16):  # as NMF.forward: factorize in float32
-                with torch.autocast(matrices.device.type, enabled=False):
-                    u, v = self.factorize.decompose(matrices.float())
-            else:
-                u, v = self.factorize.decompose(matrices)
+        factors = []
+
+        def factorize(matrices: Tensor) -> Tensor:
+            u, v, reconstruction = self.factorize.fit(self.act(matrices))
             factors.append((u, v))
-            acc = acc + window.inverse_forward((u @ v.mT).to(matrices.dtype))
-        self.recorder.record(windows, factors)
-        acc = acc / len(windows) if len(windows) > 1 else acc
+            return reconstruction
+
+        acc = partition_mean(self.in_proj(x if norm is None else norm(x)), self.windows, factorize)
+        self.recorder.record(self.windows, factors)
         return self.dropout(self.out_proj(acc))
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .blocks import FactorizerSubblock
 from .factorization import NMF
+from .matricize import fold_mean
 
 _IN_UNET = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.block\.blocks\.(\d+)(?:\.(.+))?$")
 
@@ -57,7 +58,7 @@ class Site:
     @property
     def windows(self) -> list[nn.Module]:
         """The window partitions (one Matricize per shift)."""
-        return list(getattr(self.module.tensorize, "shifted_windows", [self.module.tensorize]))
+        return self.module.windows
 
     def describe(self) -> dict:
         """The facts a reader of the maps needs: heads, rank, window size, shifts, grid."""
@@ -140,20 +141,19 @@ class SiteRecorder:
     def record(self, windows: Sequence[nn.Module], factors: Sequence[tuple[Tensor, Tensor]]) -> None:
         """Turn the factors ``(U, V)`` of each shift's matrices (``(B·H) × G × d × R`` and
         ``(B·H) × G × P × R``) into maps over the block's grid, and add up the loadings."""
-        maps = None
         heads = windows[0].num_heads
-        for window, (u, v) in zip(windows, factors):
+        patterns = []  # per shift: V·‖U‖, (BH, G, R, P), folded back below as the subblock folds X
+        for u, v in factors:
             u, v = u.detach().float(), v.detach().float()
             scale = torch.linalg.vector_norm(u, dim=-2, keepdim=True)  # (BH, G, 1, R)
-            folded = window.inverse_forward((v * scale).mT.contiguous())  # (B, H·R, *grid)
-            maps = folded if maps is None else maps.add_(folded)
+            patterns.append((v * scale).mT.contiguous())
             energy = scale * torch.linalg.vector_norm(v, dim=-2, keepdim=True)  # (BH, G, 1, R)
             weighted = (u / scale.clamp_min(torch.finfo(u.dtype).tiny) * energy)
             loadings = weighted.unflatten(0, (-1, heads)).sum((0, 2))  # (H, d, R)
             energy = energy.unflatten(0, (-1, heads)).sum((0, 2))[:, 0]  # (H, R)
             self.loadings = loadings if self.loadings is None else self.loadings + loadings
             self.energy = energy if self.energy is None else self.energy + energy
-        self.maps = maps.div_(len(windows)) if len(windows) > 1 else maps
+        self.maps = fold_mean(windows, patterns)  # (B, H·R, *grid)
 
     def mean_loadings(self) -> Tensor:
         """(H, head_dim, R): the energy-weighted mean of the unit-norm channel loadings."""

@@ -16,13 +16,19 @@ iteration: with ``X ≥ 0`` and nonnegative factors every ReLU of HALS is the id
 linear in ``X`` and ``X`` enters only through ``X @ X.mT``, ``X @ 1`` and ``X @ v0``. Two passes over
 ``X`` replace eleven. It is used only when nothing needs gradients, and gives the same numbers up to
 floating-point rounding (tested).
+
+The arithmetic is written once, as small pure functions that every path calls: ``in_float32`` (the
+half-precision guard), ``iterate`` (the update loop), ``rank1_hals_gram`` (the Gram iterations) and the
+solvers' ``update``. The layer, the component capture (``nn.components``) and the ONNX export graph
+(``nn.export_graph``, which lays the same algebra out channels last) differ only in how they arrange data.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +37,75 @@ from ..errors import ConfigError
 
 INITS = ("uniform", "normal", "uniform-normal", "normal-uniform")
 SOLVERS = ("mu", "hals")
+HALF = (torch.float16, torch.bfloat16)
+# The Gram path writes its reconstruction over its input a few MB of windows at a time.
+_OVERWRITE_ELEMENTS = 1 << 22
+
+T = TypeVar("T")
+Update = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+# --- kernels: pure functions shared by the training, inference, recording and export paths ----------
+
+def in_float32(fn: Callable[[Tensor], T], x: Tensor) -> T:
+    """``fn(x)``, computed in float32 with autocast off when ``x`` is half precision; the caller casts back.
+
+    Half precision cannot hold ε (1e-8 rounds to 0 in fp16: 0/0 on an all-zero window) nor the
+    iterations' dynamic range. Autocast is switched off only where it is on, so that a traced graph
+    (the ONNX export) holds no autocast region.
+    """
+    if x.dtype not in HALF:
+        return fn(x)
+    device = x.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+        return fn(x.float())
+
+
+def iterate(
+    update: Update,
+    x: Tensor,
+    u: Tensor,
+    v: Tensor,
+    num_iters: int,
+    tracked: Callable[[int], bool] | None = None,
+    log: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``num_iters`` block-coordinate steps, ``u ← update(x, u, v)`` then ``v ← update(xᵀ, v, u)``.
+
+    ``tracked(it)`` says whether iteration ``it`` (from 1) is recorded by autograd; None enters no
+    grad-mode context at all (the export traces plain tensor algebra). ``log(it, u, v)`` is called
+    before each iteration (the layer's ``verbose``).
+    """
+    for it in range(1, num_iters + 1):
+        with nullcontext() if tracked is None or tracked(it) else torch.no_grad():
+            if log is not None:
+                log(it, u, v)
+            u = update(x, u, v)
+            v = update(x.mT, v, u)
+    return u, v
+
+
+def rank1_hals_gram(
+    gram: Tensor, row_sum: Tensor, x_v0: Tensor, v0: Tensor, num_iters: int, eps: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Rank-1 HALS of ``X ≥ 0`` (``... × M × N``) run on its Gram data; returns ``u`` and ``u / (uᵀu + ε)``.
+
+    ``gram = X Xᵀ`` (``... × M × M``), ``row_sum = X 1`` and ``x_v0 = X v0`` (``... × M × 1``), ``v0``
+    the initial ``N × 1`` factor, all in the precision the iterations should run in. With ``X ≥ 0`` and
+    nonnegative factors every ReLU of HALS is inactive and HALS alternates ``u = (X v + ε) / (vᵀv + ε)``
+    and ``v = (Xᵀu + ε) / (uᵀu + ε)``. Writing ``v = (Xᵀw + ε·1) / c`` for the previous ``u = w``:
+    ``X v = (K w + ε r) / c`` and ``vᵀv = (wᵀK w + 2ε wᵀr + ε² N) / c²`` with ``K = X Xᵀ``, ``r = X 1``.
+    The final reconstruction is ``u vᵀ = (u / c)(uᵀX + ε 1ᵀ)``, ``c = uᵀu + ε``: the caller applies it
+    in its own layout. ``eps`` may be a one-element tensor (the export: see ``nn.export_graph.tensor_eps``).
+    """
+    n = v0.shape[-2]
+    u = torch.relu((x_v0 + eps) / (v0.mT @ v0 + eps))  # iteration 1: u from the initial v0
+    for _ in range(num_iters - 1):
+        c = u.mT @ u + eps
+        xv = (gram @ u + eps * row_sum) / c
+        vtv = (u.mT @ gram @ u + 2 * eps * (u.mT @ row_sum) + eps * eps * n) / (c * c)
+        u = torch.relu((xv + eps) / (vtv + eps))
+    return u, u / (u.mT @ u + eps)
 
 
 class RandomInit(nn.Module):
@@ -159,18 +234,33 @@ class NMF(nn.Module):
         steps = self.num_iters if self.num_grad_steps is None else self.num_grad_steps
         return it >= self.num_iters - steps + 1
 
+    @property
+    def gram_shortcut(self) -> bool:
+        """Rank-1 HALS on nonnegative input: the iterations may run on the Gram matrix (``rank1_hals_gram``)."""
+        return (self.input_is_nonnegative and self.rank == 1 and isinstance(self.solver, HALS)
+                and self.num_iters >= 1)
+
     def decompose(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Fit the factors ``(U, V)`` to ``x`` (``... × M × N``)."""
         with nullcontext() if self._tracked(0) else torch.no_grad():
             u, v = self.init(x)
             u, v = u.to(x.dtype), v.to(x.dtype)
-        for it in range(1, self.num_iters + 1):
-            with nullcontext() if self._tracked(it) else torch.no_grad():
-                if self.verbose:
-                    print(f"iter {it}, relative error = {relative_error(x, u @ v.mT).mean():.4g}")
-                u = self.solver.update(x, u, v)
-                v = self.solver.update(x.mT, v, u)
-        return u, v
+
+        def log(it: int, u: Tensor, v: Tensor) -> None:
+            print(f"iter {it}, relative error = {relative_error(x, u @ v.mT).mean():.4g}")
+
+        return iterate(self.solver.update, x, u, v, self.num_iters, self._tracked, log if self.verbose else None)
+
+    def fit(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U, V, U @ V.mT)`` by the textbook iterations (component capture needs the factors); for a
+        half-precision ``x`` the factors stay float32 and the reconstruction comes back in ``x``'s dtype."""
+
+        def factors_and_product(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            u, v = self.decompose(x)
+            return u, v, u @ v.mT
+
+        u, v, y = in_float32(factors_and_product, x)
+        return u, v, y.to(x.dtype)
 
     def forward(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
         """The reconstruction ``U @ V.mT``; with ``overwrite_input`` it may be written into ``x``.
@@ -178,11 +268,8 @@ class NMF(nn.Module):
         ``overwrite_input`` saves a tensor the size of ``x`` when the caller no longer needs it (the
         Factorizer subblock's matricized features at inference).
         """
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # Half precision cannot hold ε (1e-8 rounds to 0 in fp16: 0/0 on an all-zero window) nor
-            # the iterations' dynamic range: factorize in float32, even under autocast.
-            with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x.float()).to(x.dtype)
+        if x.dtype in HALF:  # the float32 copy is ours: it may be overwritten
+            return in_float32(lambda x32: self.forward(x32, overwrite_input=True), x).to(x.dtype)
         if self._gram_path_applies(x):
             return self._rank1_hals_gram(x, overwrite_input)
         u, v = self.decompose(x)
@@ -192,10 +279,7 @@ class NMF(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for p in self.parameters()))
         return (
-            self.input_is_nonnegative
-            and self.rank == 1
-            and isinstance(self.solver, HALS)
-            and self.num_iters >= 1
+            self.gram_shortcut
             and not needs_grad
             and not self.verbose
             and not torch.jit.is_tracing()
@@ -203,41 +287,30 @@ class NMF(nn.Module):
         )
 
     def _rank1_hals_gram(self, x: Tensor, overwrite_input: bool = False) -> Tensor:
-        """Rank-1 HALS for ``X ≥ 0``, iterating on ``K = X Xᵀ`` (M × M) instead of X (M × N).
+        """Rank-1 HALS for ``X ≥ 0`` on ``K = X Xᵀ`` (M × M) instead of X (M × N): see ``rank1_hals_gram``.
 
-        With every ReLU inactive, HALS alternates ``u = (X v + ε) / (vᵀv + ε)`` and
-        ``v = (Xᵀu + ε) / (uᵀu + ε)``. Writing ``v = (Xᵀw + ε·1) / c`` for the previous ``u = w``:
-        ``X v = (K w + ε r) / c`` and ``vᵀv = (wᵀK w + 2ε wᵀr + ε² N) / c²`` with ``r = X 1``; the final
-        reconstruction is ``u vᵀ = (u uᵀ X + ε u 1ᵀ) / (uᵀu + ε)``.
+        One pass over X gathers what the iterations need; they run in float64 on tiny tensors; the
+        reconstruction ``(u uᵀ X + ε u 1ᵀ) / c`` is one batched multiply-add, written over ``x`` a few
+        MB at a time with ``overwrite_input``.
         """
         eps = self.solver.eps
-        n = x.shape[-1]
+        m, n = x.shape[-2:]
         small = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
-        u0, v0 = self.init.u0.to(x.dtype), self.init.v0.to(x.dtype)
-        # One pass over X for everything the iterations need; the tiny iterations then run in float64.
+        v0 = self.init.v0.to(x.dtype)
         gram = (x @ x.mT).to(small)  # ... × M × M
-        ones_v0 = torch.cat([torch.ones_like(v0), v0], dim=1)  # N × 2
-        row_terms = (x @ ones_v0).to(small)  # ... × M × 2
+        row_terms = (x @ torch.cat([torch.ones_like(v0), v0], dim=1)).to(small)  # ... × M × 2: X 1, X v0
         row_sum, x_v0 = row_terms[..., :1], row_terms[..., 1:]
-        u0, v0 = u0.to(small), v0.to(small)
-        # Iteration 1: u from the initial v0.
-        u = torch.relu((x_v0 + eps) / (v0.mT @ v0 + eps))
-        for _ in range(self.num_iters - 1):
-            c = u.mT @ u + eps  # v = (Xᵀu + ε) / c
-            xv = (gram @ u + eps * row_sum) / c
-            vtv = (u.mT @ gram @ u + 2 * eps * (u.mT @ row_sum) + eps * eps * n) / (c * c)
-            u = torch.relu((xv + eps) / (vtv + eps))
-        c = u.mT @ u + eps
-        projection = (u @ u.mT / c).to(x.dtype)  # ... × M × M
-        offset = (eps * u / c).to(x.dtype)  # ... × M × 1
-        m = x.shape[-2]
-        x3, projection, offset = x.reshape(-1, m, n), projection.reshape(-1, m, m), offset.reshape(-1, m, 1)
+        u, scaled = rank1_hals_gram(gram, row_sum, x_v0, v0.to(small), self.num_iters, eps)
+        projection = (u @ scaled.mT).to(x.dtype).reshape(-1, m, m)
+        offset = (eps * scaled).to(x.dtype).reshape(-1, m, 1)
+        x3 = x.reshape(-1, m, n)
         if not (overwrite_input and x.is_contiguous()):
             return torch.baddbmm(offset, projection, x3).view(x.shape)
-        step = max(1, (1 << 22) // (m * n))  # a few MB of windows at a time
+        step = max(1, _OVERWRITE_ELEMENTS // (m * n))
         for i in range(0, x3.shape[0], step):
             x3[i : i + step] = torch.baddbmm(offset[i : i + step], projection[i : i + step], x3[i : i + step])
         return x
+
 
 def relative_error(x: Tensor, y: Tensor, eps: float = 1e-16) -> Tensor:
     """``‖x − y‖ / ‖x‖`` per batch element, over the last two dimensions."""

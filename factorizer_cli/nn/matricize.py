@@ -9,13 +9,18 @@ With ``shifts`` the map is first rolled cyclically (as torch.roll would), so win
 unshifted borders. The roll and the cut are done together, as a few block copies between two views of
 the data, so ``x`` is read once (upstream rolls, then rearranges: four copies in 3D). ``SWMatricize`` (shifted windows) applies several such Matricize ops and stacks their outputs
 along the first axis; its inverse averages the folded-back maps, so ``inverse_forward(forward(x)) == x``.
+
+``partition_mean`` (and its in-place, slab-at-a-time twin ``partition_mean_``) is the shifted-window loop
+of a Factorizer subblock: cut, transform, fold back, average over the partitions. The training path,
+the inference path, the component capture and the ONNX export graph all call it.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 from einops import rearrange
@@ -232,3 +237,42 @@ class SWMatricize(nn.Module):
         for k, y in enumerate(folded[1:], start=2):
             out = out + (y - out) / k
         return out
+
+
+class Partition(Protocol):
+    """A window partition: ``p(x)`` cuts a map into windows, ``p.inverse_forward(y)`` puts them back."""
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def inverse_forward(self, y: Tensor) -> Tensor: ...
+
+
+def fold_mean(partitions: Sequence[Partition], windows: Iterable[Tensor]) -> Tensor:
+    """The mean over partitions of ``p.inverse_forward(y_p)``; ``windows`` may be a generator, so that one
+    partition's windows exist at a time. Summed, then divided by the count, as upstream does."""
+    total = None
+    for partition, y in zip(partitions, windows, strict=True):
+        folded = partition.inverse_forward(y)
+        total = folded if total is None else total + folded
+    return total / len(partitions) if len(partitions) > 1 else total
+
+
+def partition_mean(x: Tensor, partitions: Sequence[Partition], fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``mean_p p⁻¹(fn(p(x)))``: the shifted-window loop, out of place (autograd, capture, export)."""
+    return fold_mean(partitions, (fn(partition(x)) for partition in partitions))
+
+
+def partition_mean_(
+    x: Tensor, partitions: Sequence[Matricize], fn: Callable[[Tensor], Tensor], slab_elements: int
+) -> Tensor:
+    """``partition_mean`` at inference: a slab of about ``slab_elements`` window values at a time (whole
+    rows of windows along the first axis), each folded into one accumulator in place. ``fn`` may write
+    over its input; nothing here is differentiable."""
+    acc = torch.zeros_like(x)
+    rows = partitions[0].grid_size[0]
+    step = max(1, rows * slab_elements // x.numel())  # window rows per slab
+    for partition in partitions:
+        for start in range(0, rows, step):
+            slab = (start, min(start + step, rows))
+            partition.fold_add_(acc, fn(partition(x, rows=slab)), rows=slab)
+    return acc.div_(len(partitions)) if len(partitions) > 1 else acc

@@ -3,11 +3,16 @@
 A batch is safe to stop and start again, and to split across machines without a coordinator: each
 output appears whole or not at all (atomic writes, the label map last), finished cases are skipped,
 and ``--shard K/N`` gives every worker a fixed share of the cases, decided by the case name alone.
+
+``plan_dataset`` finds the cases and checks the output folder before any model is loaded; its
+``run`` (or ``segment_dataset``, both steps at once) segments them and returns a ``DatasetReport``,
+which writes ``summary.json`` (``summary-K-of-N.json`` for a shard).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import time
@@ -18,18 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FactorizerError, InputError
-from ..io import find_modalities
-from ..io.images import nifti_suffix, remove_stale_temporaries
+from ..io.atomic import make_folder, remove_stale_temporaries, write_json_atomic
+from ..io.cases import Case, find_cases
+from ..io.images import check_output_path
+from ..zoo.card import ModelCard
 from .segment import Segmenter
 
-_NNUNET_CHANNEL = re.compile(r"(.+)_(\d{4})$")
+__all__ = ["Case", "CaseResult", "DatasetPlan", "DatasetReport", "find_cases", "in_shard", "output_path",
+           "parse_shard", "plan_dataset", "run_batch", "segment_dataset", "summary_name"]
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    files: tuple[Path, ...] = ()  # in the model's modality order; empty when they could not be found
-    problem: str = ""  # why the files could not be found
+OnResult = Callable[["CaseResult", int, int], None]  # (result, cases reported so far, cases in all)
 
 
 @dataclass
@@ -40,45 +43,6 @@ class CaseResult:
     output: str = ""
     volumes: dict = field(default_factory=dict)
     error: str = ""
-
-
-def find_cases(folder: str | Path, specs, pattern: str | None = None) -> list[Case]:
-    """The cases of a dataset folder, sorted by name.
-
-    Each subfolder is a case (BraTS ``BraTS-GLI-00000-000/``, ISLES ``sub-strokecase0001/``), its
-    modalities found by name; NIfTI files directly in the folder are nnU-Net style, grouped by the
-    part before ``_0000``. ``pattern`` (a glob relative to ``folder``, e.g. ``"*/ses-*"``) picks the
-    case folders instead; nested ones are named by their path with ``_`` (``sub-01_ses-1``). A case
-    whose files cannot be matched is kept, with the problem, so that it is reported, not dropped.
-    """
-    folder = Path(folder)
-    cases = []
-    if pattern:
-        folders = sorted(p for p in folder.glob(pattern) if p.is_dir())
-    else:
-        folders = sorted(p for p in folder.iterdir()  # derivatives/ holds labels (BIDS), not cases
-                         if p.is_dir() and not p.name.startswith(".") and p.name != "derivatives")
-    for sub in folders:
-        name = "_".join(sub.relative_to(folder).parts)
-        try:
-            cases.append(Case(name, tuple(find_modalities(sub, specs).values())))
-        except InputError as err:
-            cases.append(Case(name, problem=str(err)))
-    if pattern:
-        return cases
-    flat: dict[str, list[Path]] = {}
-    for file in sorted(folder.iterdir()):
-        suffix = nifti_suffix(file)
-        match = _NNUNET_CHANNEL.fullmatch(file.name[: -len(suffix)]) if suffix and file.is_file() else None
-        if match:
-            flat.setdefault(match.group(1), []).append(file)
-    for name, files in flat.items():
-        if len(files) == len(specs):
-            cases.append(Case(name, tuple(sorted(files))))
-        else:
-            cases.append(Case(name, problem=f"{folder}: case {name} has {len(files)} channel files "
-                                            f"({', '.join(f.name for f in files)}); the model takes {len(specs)}"))
-    return sorted(cases, key=lambda c: c.name)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -117,7 +81,7 @@ def run_batch(
     todo = [c for c in cases if overwrite or not output_path(output_dir, c).exists()]
     results = [CaseResult(c.name, "skipped", output=str(output_path(output_dir, c)))
                for c in cases if c not in todo]
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1, initializer=_yield_to_inference) as pool:
         def prepare(case: Case) -> Future | None:
             if not case.files:
                 return None
@@ -148,3 +112,106 @@ def run_batch(
         if ahead is not None:
             ahead.cancel()
     return results
+
+
+def summary_name(shard: tuple[int, int]) -> str:
+    """``summary.json``, or ``summary-K-of-N.json`` for one worker's share: workers never clash."""
+    k, n = shard
+    return "summary.json" if n == 1 else f"summary-{k}-of-{n}.json"
+
+
+@dataclass
+class DatasetReport:
+    """What a batch did, case by case; ``write`` records it as ``summary.json``."""
+
+    model: str
+    output_dir: Path
+    shard: tuple[int, int]
+    stopped: bool  # by ``stop_event`` (SIGTERM in the command) before every case was done
+    results: list[CaseResult]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """How many cases were done, skipped (their label map was there) and failed."""
+        return {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
+
+    @property
+    def failed(self) -> int:
+        return self.counts["failed"]
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output_dir / summary_name(self.shard)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "shard": f"{self.shard[0]}/{self.shard[1]}", "stopped": self.stopped,
+                "cases": [vars(r) for r in self.results]}
+
+    def write(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """The report as JSON, whole or not at all; by default at ``summary_path``. Returns the path."""
+        path = Path(path) if path is not None else self.summary_path
+        write_json_atomic(path, self.to_dict())
+        return path
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """The cases of one batch run and where they go, checked before any model is loaded."""
+
+    folder: Path
+    output_dir: Path
+    cases: tuple[Case, ...]
+    shard: tuple[int, int] = (1, 1)
+    overwrite: bool = False
+
+    def run(self, segmenter: Segmenter, *, stop_event: threading.Event | None = None,
+            on_result: OnResult | None = None, read_ahead: bool = True) -> DatasetReport:
+        """Segment the cases; ``stop_event`` set (e.g. from a SIGTERM handler) ends after the current one."""
+        results = run_batch(self.cases, segmenter, self.output_dir, overwrite=self.overwrite, stop=stop_event,
+                            on_result=on_result, read_ahead=read_ahead)
+        stopped = stop_event is not None and stop_event.is_set()
+        return DatasetReport(segmenter.card.name, self.output_dir, self.shard, stopped, results)
+
+
+def plan_dataset(card: ModelCard, folder: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
+                 overwrite: bool = False, shard: str | tuple[int, int] | None = None,
+                 pattern: str | None = None) -> DatasetPlan:
+    """Find this worker's cases (``shard`` ``"K/N"``) for a model with ``card``; create the output folder.
+
+    Raises ``InputError`` when there are no cases (in this shard) and ``OutputError`` when the output
+    folder cannot be created or its summary written.
+    """
+    folder, output_dir = Path(folder), Path(output_dir)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such dataset folder; check the path")
+    k, n = parse_shard(shard) if isinstance(shard, str) else (shard or (1, 1))
+    cases = tuple(c for c in find_cases(folder, card.modality_specs, pattern) if in_shard(c.name, k, n))
+    if not cases:
+        raise InputError(f"{folder}: no cases found{f' in shard {k}/{n}' if n > 1 else ''}; give a folder of "
+                         "case folders (BraTS, ISLES) or of nnU-Net files (CASE_0000.nii.gz)")
+    make_folder(output_dir)
+    check_output_path(output_dir / summary_name((k, n)), [])
+    return DatasetPlan(folder, output_dir, cases, (k, n), overwrite)
+
+
+def segment_dataset(segmenter: Segmenter, folder: str | os.PathLike[str], output_dir: str | os.PathLike[str], *,
+                    overwrite: bool = False, shard: str | tuple[int, int] | None = None,
+                    pattern: str | None = None, stop_event: threading.Event | None = None,
+                    on_result: OnResult | None = None) -> DatasetReport:
+    """Segment every case of ``folder`` (this worker's share) into ``output_dir/<case>.nii.gz``.
+
+    Cases whose label map exists are skipped unless ``overwrite``; a failed case is recorded and the
+    rest go on. Write the returned report with ``report.write()``.
+    """
+    plan = plan_dataset(segmenter.card, folder, output_dir, overwrite=overwrite, shard=shard, pattern=pattern)
+    return plan.run(segmenter, stop_event=stop_event, on_result=on_result)
+
+
+def _yield_to_inference() -> None:
+    """Lower the read-ahead thread's priority (Linux: per thread), so that preparing the next case takes
+    the cores the network leaves idle rather than slowing the network down; the case is still ready
+    long before inference ends (seconds against tens of seconds)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default priority
+        pass

@@ -17,19 +17,23 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import ConfigError, InputError, OutputError
+from ..errors import ConfigError, InputError
 from ..io import geometry
-from ..io.images import Image, atomic_path, read_image, write_nifti
+from ..io.atomic import make_folder, write_json_atomic
+from ..io.images import Image, read_image, write_nifti
 from ..io.png import write_png
-from ..nn.components import SiteRecorder, recording, select_sites
 from .preprocess import Inverse
 from .preview import axial_slice, display_grey, tile_sheet
+
+if TYPE_CHECKING:
+    from ..nn.components import SiteRecorder
 
 DTYPES = ("float32", "float16")
 INT16_MAX = 32767
@@ -109,12 +113,7 @@ class ComponentMaps:
         float32 maps are stored as float32; float16 ones as int16 scaled by the file's ``scl_slope``
         (NIfTI-1 has no float16; every reader applies the slope).
         """
-        directory = Path(directory)
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"{directory}: cannot create the folder for component maps "
-                              f"({err.strerror})") from None
+        directory = make_folder(directory, "folder for component maps")
         written, described = [], []
         for block in self.blocks:
             path = directory / f"{block.name}.nii.gz"
@@ -137,27 +136,21 @@ class ComponentMaps:
         report = {"model": self.model, "fold": self.fold, "dtype": self.dtype,
                   "definition": DEFINITION, "notes": self.notes, "blocks": described}
         path = directory / "components.json"
-        try:
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        except OSError as err:
-            raise OutputError(f"{path}: cannot write ({err.strerror or err}); check free space and "
-                              "permissions") from None
+        write_json_atomic(path, report)
         written.append(path)
         return written
 
 
 class ComponentCapture:
-    """Records the chosen blocks of ``network`` through one case's sliding-window inference."""
+    """Collects the maps of recorders set on a network's blocks through one case's sliding window."""
 
-    def __init__(self, network: nn.Module, request: ComponentRequest, folds: int = 1, tta: bool = False) -> None:
-        if not isinstance(network, nn.Module):
-            raise ConfigError("NMF component maps need the PyTorch network (not an exported one)")
+    def __init__(self, recorders: Sequence[SiteRecorder], request: ComponentRequest, folds: int = 1,
+                 tta: bool = False) -> None:
         self.request = request
         self.notes = [f"maps of fold 0 only: the {folds} folds factorize different features"] if folds > 1 else []
         if tta:
             self.notes.append("maps averaged over the mirror flips of test-time augmentation, each flipped back")
-        self.recorders = [SiteRecorder(site) for site in select_sites(network, request.blocks)]
+        self.recorders = list(recorders)  # set on their blocks by the family's capture, for the whole case
         self.dtype = torch.float16 if request.dtype == "float16" else torch.float32
         self.blended: Tensor | None = None  # (Σ heads·rank, *network grid), set by the Segmenter
 
@@ -165,8 +158,7 @@ class ComponentCapture:
         """A predictor that also returns the chosen blocks' maps upsampled to the window (B, K, *roi)."""
 
         def predict(x: Tensor) -> tuple[Tensor, Tensor]:
-            with recording(self.recorders):
-                probabilities = predictor(x)
+            probabilities = predictor(x)
             roi = tuple(x.shape[2:])
             maps = [_upsample(r.maps, roi).to(self.dtype) for r in self.recorders]
             for recorder in self.recorders:

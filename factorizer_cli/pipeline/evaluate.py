@@ -19,25 +19,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, OutputError
-from ..io.images import Image, atomic_path, nifti_suffix, read_label_map
+from ..errors import InputError
+from ..io.atomic import write_json_atomic, write_text_atomic
+from ..io.cases import LabelMap, find_flat_label_maps, find_label_maps
+from ..io.images import Image, read_label_map
 from . import metrics
 
-_MASK_MARKER = re.compile(r"(.+?)[-_.](seg|msk|mask|label|labels|gt)", re.IGNORECASE)
-_LABEL_FOLDERS = {"labelstr", "labelsts"}
-_SKIPPED_FOLDERS = {"imagestr", "imagests"}
-_NAMING_FOLDERS = {"derivatives", *_LABEL_FOLDERS}  # folders that hold cases but name none
-_MAX_DEPTH = 4  # derivatives/sub-X/ses-Y/file
 AFFINE_TOLERANCE_MM = 1e-3
 CONVENTIONS = {
     "dice_both_empty": 1.0,
@@ -50,15 +45,6 @@ CONVENTIONS = {
 }
 GROUND_TRUTH_LAYOUTS = ("BraTS case folders with *-seg.nii.gz, ISLES derivatives with *_msk.nii.gz, "
                         "nnU-Net labelsTr/CASE.nii.gz, or label maps named like the predictions")
-
-
-@dataclass(frozen=True)
-class Truth:
-    """One ground-truth file: its case id, and other names a prediction of that case may carry."""
-
-    case: str
-    path: Path
-    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +70,15 @@ class Evaluation:
     regions: str
     cases: list[CaseScore]
     unmatched_predictions: list[Path] = field(default_factory=list)
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """The regions scored, in report order (``ET, TC, WT`` or ``lesion``)."""
+        return tuple(metrics.REGION_SETS[self.regions])
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(metrics.METRICS)
 
     @property
     def missing(self) -> list[str]:
@@ -121,55 +116,20 @@ class Evaluation:
         return out.getvalue()
 
     def write_csv(self, path: str | os.PathLike[str]) -> None:
-        _write_text(Path(path), self.csv_text())
+        write_text_atomic(path, self.csv_text())
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        _write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json_atomic(path, self.to_dict())
 
 
-def find_truths(gt_dir: str | os.PathLike[str]) -> list[Truth]:
+def find_truths(gt_dir: str | os.PathLike[str]) -> list[LabelMap]:
     """The ground truths under ``gt_dir`` in any layout of the module notes, sorted by case id."""
-    gt_dir = _folder(gt_dir, "ground-truth")
-    truths: dict[str, Truth] = {}
-    for root, dirs, names in os.walk(gt_dir):
-        relative = Path(root).relative_to(gt_dir).parts
-        dirs[:] = sorted(d for d in dirs if len(relative) < _MAX_DEPTH and not d.startswith(".")
-                         and d.lower() not in _SKIPPED_FOLDERS)
-        in_labels = bool(relative) and relative[-1].lower() in _LABEL_FOLDERS
-        for name in sorted(names):
-            path = Path(root, name)
-            suffix = nifti_suffix(path)
-            if name.startswith(".") or suffix is None:
-                continue
-            stem = name[: -len(suffix)]
-            marked = _MASK_MARKER.fullmatch(stem)
-            if not (marked or in_labels or not relative):
-                continue  # an image of a case folder (t1c, flair, ...), not a label map
-            case = marked.group(1) if marked else stem
-            truth = Truth(case, path, _aliases(case, relative))
-            if case in truths:
-                raise InputError(f"two ground truths for case {case}: {truths[case].path} and {path}; "
-                                 "keep one")
-            truths[case] = truth
-    return sorted(truths.values(), key=lambda t: t.case)
+    return find_label_maps(gt_dir, "ground truth")
 
 
 def find_predictions(pred_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Case id -> predicted label map: the NIfTI files directly in ``pred_dir``."""
-    pred_dir = _folder(pred_dir, "prediction")
-    found: dict[str, Path] = {}
-    for path in sorted(pred_dir.iterdir()):
-        suffix = nifti_suffix(path)
-        if path.name.startswith(".") or suffix is None or not path.is_file():
-            continue
-        stem = path.name[: -len(suffix)]
-        marked = _MASK_MARKER.fullmatch(stem)
-        case = marked.group(1) if marked else stem
-        if case in found:
-            raise InputError(f"two predictions for case {case}: {found[case].name} and {path.name} in "
-                             f"{pred_dir}; keep one")
-        found[case] = path
-    return found
+    return find_flat_label_maps(pred_dir, "prediction")
 
 
 def pair_cases(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str]) -> tuple[list[Pair], list[Path]]:
@@ -269,26 +229,6 @@ def check_same_grid(prediction: Image, truth: Image) -> None:
                          f"{gap:.3g} mm); predict on the ground truth's grid")
 
 
-def _aliases(case: str, relative: tuple[str, ...]) -> tuple[str, ...]:
-    """Other names of a case: its folder (BraTS case folder, BIDS subject), folder path, BIDS subject."""
-    folders = [p for p in relative if p.lower() not in _NAMING_FOLDERS]
-    aliases = []
-    if folders:
-        aliases += ["_".join(folders), folders[0]]
-    if case.startswith("sub-"):
-        aliases.append(case.split("_")[0])
-    return tuple(dict.fromkeys(a for a in aliases if a != case))
-
-
-def _folder(path: str | os.PathLike[str], what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such {what} folder; check the path")
-    if not path.is_dir():
-        raise InputError(f"{path} is a file; give the {what} folder")
-    return path
-
-
 def _csv_number(value: float | int) -> str:
     return "" if isinstance(value, float) and math.isnan(value) else f"{value:.6g}"
 
@@ -301,13 +241,3 @@ def _json_safe(value):
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` whole or not at all."""
-    try:
-        with atomic_path(path) as temporary:
-            temporary.write_text(text)
-    except OSError as err:
-        raise OutputError(f"{path}: cannot write ({err.strerror or err}); check free space and "
-                          "permissions") from None

@@ -5,9 +5,11 @@ the ``Inverse`` that takes anything computed on the network's grid (probabilitie
 back onto the voxels of the reference input, so nothing lands in the wrong place::
 
     co-grid (onto the first modality) → reorient to RAS → crop to the foreground → resample to the
-    model spacing → z-score each channel over its nonzero voxels
+    model spacing → normalize intensities → (slice-wise models) neighbouring slices as channels
 
-The reference image (the first modality) defines the output geometry; it is never resampled itself.
+The card's ``Preprocessing`` says which of these run and how. Each geometric step is a record that
+can ``apply`` itself (to a label map, for training) and ``invert`` itself (for the outputs). The
+reference image (the first modality) defines the output geometry; it is never resampled itself.
 """
 
 from __future__ import annotations
@@ -21,13 +23,26 @@ import numpy as np
 from ..errors import InputError
 from ..io import geometry
 from ..io.images import Image, check_image
+from ..zoo.card import Normalization, Preprocessing
 
 GRID_ATOL_MM = 1e-3  # affines closer than this (mm) are the same grid
 
 
 @dataclass(frozen=True)
 class Reorientation:
-    back: np.ndarray
+    """Axes flipped and permuted to the closest RAS directions (no interpolation)."""
+
+    affine: np.ndarray  # the grid before
+    back: np.ndarray  # the orientation that undoes it
+
+    @classmethod
+    def fit(cls, affine: np.ndarray, shape: Sequence[int]) -> tuple[Reorientation, np.ndarray]:
+        """The step for an image on ``affine``, and the affine after it."""
+        _, after, back = geometry.to_canonical(np.zeros((1, *shape), np.uint8), affine)
+        return cls(affine, back), after
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        return geometry.to_canonical(array, self.affine)[0]
 
     def invert(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
         return geometry.from_canonical(array, self.back)
@@ -35,8 +50,13 @@ class Reorientation:
 
 @dataclass(frozen=True)
 class Crop:
+    """A box of the grid (the foreground and its margin)."""
+
     box: tuple[slice, ...]
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # before
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        return array[(slice(None), *self.box)]
 
     def invert(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
         out = np.full((array.shape[0], *self.shape), fill, dtype=array.dtype)
@@ -46,17 +66,36 @@ class Crop:
 
 @dataclass(frozen=True)
 class Resampling:
+    """The same field of view on another number of voxels (corner-aligned, linear)."""
+
     shape: tuple[int, ...]  # before
+    target: tuple[int, ...]  # after
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        return geometry.resample_linear(np.ascontiguousarray(array, dtype=np.float32), self.target)
 
     def invert(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
         return geometry.resample_linear(array, self.shape)
 
 
+Step = Reorientation | Crop | Resampling
+
+
 @dataclass
 class Inverse:
-    """The applied steps, in order; ``invert`` undoes them last to first."""
+    """The geometric steps applied to a case, in order: ``apply`` replays them on another array of the
+    same grid (a label map, as one-hot channels), ``invert`` undoes them last to first."""
 
-    steps: list[Reorientation | Crop | Resampling] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """A channel-first array on the reference grid, brought onto the network grid.
+
+        Resampling is linear: give labels as one-hot (or region) channels and threshold at 0.5.
+        """
+        for step in self.steps:
+            array = step.apply(array)
+        return np.ascontiguousarray(array)
 
     def invert(self, array: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """Map a channel-first array on the network grid back onto the reference image's grid.
@@ -126,31 +165,81 @@ def zscore_nonzero(array: np.ndarray) -> np.ndarray:
     return out
 
 
-def preprocess(
-    images: Sequence[Image],
-    spacing: Sequence[float],
-    crop_margin_mm: float = 10.0,
-) -> Prepared:
-    """Bring a case's modalities (first one is the reference) onto the model's grid."""
+def normalize(array: np.ndarray, how: Normalization) -> np.ndarray:
+    """Scale intensities as the card says (see ``Normalization``); float32, channel-first."""
+    if how.kind == "zscore_nonzero":
+        return zscore_nonzero(array)
+    if how.kind == "fixed":
+        return ((array - np.float32(how.mean)) / np.float32(how.std)).astype(np.float32)
+    if how.kind == "window":
+        low, high = how.low, how.high
+    else:  # percentile, per channel over its nonzero voxels
+        out = np.zeros_like(array, dtype=np.float32)
+        for c, channel in enumerate(array):
+            values = channel[channel != 0]
+            if values.size:
+                low, high = np.percentile(values, [how.low, how.high])
+                out[c] = _window(channel, low, high)
+        return out
+    return _window(array, low, high)
+
+
+def _window(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    scale = np.float32(1.0 / (high - low)) if high > low else np.float32(0.0)
+    scaled = (array.astype(np.float32, copy=False) - np.float32(low)) * scale
+    return np.clip(scaled, 0.0, 1.0, out=scaled)  # clipped after scaling: exactly 0 and 1 at the ends
+
+
+def stack_slices(array: np.ndarray, context: int) -> np.ndarray:
+    """Each slice of the last axis with ``context`` neighbours on either side, as channels.
+
+    ``(C, I, J, K)`` becomes ``(C·(2k+1), I, J, K)``, channel ``c·(2k+1) + j`` holding slice ``z + j - k``
+    of channel ``c``; beyond the volume it is 0 (the normalized background).
+    """
+    if context == 0:
+        return array
+    padded = np.pad(array, [(0, 0)] * 3 + [(context, context)])
+    depth = array.shape[-1]
+    stacked = [padded[c, ..., j : j + depth] for c in range(array.shape[0]) for j in range(2 * context + 1)]
+    return np.ascontiguousarray(np.stack(stacked))
+
+
+def target_shape(shape: Sequence[int], here: Sequence[float], spacing: Sequence[float | None]) -> tuple[int, ...]:
+    """Voxels per axis at the target ``spacing`` over the same field of view.
+
+    An axis stays as it is where the target is ``None`` or within 0.1% of the spacing it has.
+    """
+    return tuple(n if t is None or abs(s - t) <= 1e-3 * t else max(1, round(n * s / t))
+                 for n, s, t in zip(shape, here, spacing))
+
+
+def preprocess(images: Sequence[Image], steps: Preprocessing) -> Prepared:
+    """Bring a case's modalities (first one is the reference) onto the model's grid, as ``steps`` say."""
     for image in images:
         check_image(image)
     reference = images[0]
     volumes, notes = co_grid(images)
     inverse = Inverse()
+    array, affine = np.stack(volumes).astype(np.float32, copy=False), reference.affine
 
-    array, affine, back = geometry.to_canonical(np.stack(volumes).astype(np.float32, copy=False),
-                                                reference.affine)
-    inverse.steps.append(Reorientation(back))
+    if steps.orientation == "RAS":
+        step, affine = Reorientation.fit(affine, array.shape[1:])
+        inverse.steps.append(step)
+        array = step.apply(array)
 
     here = geometry.voxel_spacing(affine)
-    margin = [math.ceil(crop_margin_mm / s) for s in here]
-    box = foreground_box(array, margin)
-    inverse.steps.append(Crop(box, tuple(array.shape[1:])))
-    array = array[(slice(None), *box)]
+    if steps.crop_margin_mm is not None:
+        margin = [math.ceil(steps.crop_margin_mm / s) for s in here]
+        step = Crop(foreground_box(array, margin), tuple(array.shape[1:]))
+        inverse.steps.append(step)
+        array = step.apply(array)
 
-    target = np.asarray(spacing, dtype=float)
-    if not np.allclose(here, target, rtol=1e-3):
-        shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(array.shape[1:], here, target))
-        inverse.steps.append(Resampling(tuple(array.shape[1:])))
-        array = geometry.resample_linear(np.ascontiguousarray(array), shape)
-    return Prepared(zscore_nonzero(array), inverse, reference, notes)
+    shape = target_shape(array.shape[1:], here, steps.spacing)
+    if shape != tuple(array.shape[1:]):
+        step = Resampling(tuple(array.shape[1:]), shape)
+        inverse.steps.append(step)
+        array = step.apply(array)
+    array = normalize(array, steps.normalization)
+    if steps.slice_context is not None:
+        array = stack_slices(array, steps.slice_context)
+    return Prepared(array, inverse, reference, notes)

@@ -6,12 +6,15 @@ the top), whatever the orientation of the files, because both volumes are first 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..io import geometry
+from ..io.images import Image, read_image
 from ..io.png import write_png
+from ..zoo.card import ModelCard
 
 # BraTS colours: NCR red, ED green, ET yellow; 4 (ET in BraTS 2021) also yellow; others cycle.
 COLOURS = {1: (230, 40, 40), 2: (40, 200, 60), 3: (250, 220, 40), 4: (250, 220, 40)}
@@ -70,3 +73,14 @@ def tile_sheet(tiles: list[np.ndarray], columns: int) -> np.ndarray:
 
 def write_preview(path: str | Path, background: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> None:
     write_png(path, montage(background, labels, affine))
+
+
+def preview_background(card: ModelCard, images: Sequence[str | Path], reference: Image) -> Image:
+    """What to draw the labels over: FLAIR when the model takes it and it shares the reference grid
+    (lesions show best there), else the reference image (the first input)."""
+    flair = next((i for i, m in enumerate(card.modalities) if m.matches("flair")), 0)
+    if not flair:
+        return reference
+    image = read_image(images[flair])
+    same_grid = image.array.shape == reference.array.shape and np.allclose(image.affine, reference.affine, atol=1e-3)
+    return image if same_grid else reference

@@ -7,23 +7,23 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import ConfigError
+from ..families import family_of
 from ..io.images import Image, read_image, write_nifti
-from ..nn.factorization import NMF
 from ..zoo.card import ModelCard
+from ..zoo.onnx_file import OnnxModel
 from ..zoo.package import ModelPackage
-from .backends import OnnxModel, onnx_predictor
 from .components import ComponentCapture, ComponentMaps, ComponentRequest
-from .device import autocast, resolve_device
 from .postprocess import labels_from_probabilities, volumes_ml
+from .predictors import TorchPredictor, onnx_predictor
 from .preprocess import Prepared, preprocess
 from .sliding_window import mirror_tta, sliding_window_inference
 
@@ -39,9 +39,8 @@ class InferenceOptions:
     tta: bool = False
     device: str = "auto"
     precision: str = "auto"
-    nmf_iters: int | None = None
+    knobs: Mapping[str, int] = field(default_factory=dict)  # the family's, e.g. {"nmf_iters": 2}
     label_convention: str | None = None
-    backend: str = "torch"  # or "onnx": ONNX Runtime runs the windows (``pipeline.backends``)
     threads: int | None = None  # ONNX Runtime's threads (PyTorch's are the caller's to set)
 
 
@@ -71,65 +70,45 @@ class Segmentation:
         write_nifti(path, np.moveaxis(self.probabilities, 0, -1), self.reference, np.float32)
 
 
-def full_resolution_logits(network: nn.Module, x: Tensor) -> Tensor:
-    """The full-resolution output only: ``predict`` where the network has it, else the first head."""
-    out = network.predict(x) if hasattr(network, "predict") else network(x)
-    return out[0] if isinstance(out, (list, tuple)) else out
-
-
-def set_nmf_iterations(network: nn.Module, num_iters: int) -> None:
-    """Run fewer (or more) NMF iterations than trained with: the paper's inference speed-up."""
-    if num_iters < 1:
-        raise ConfigError(f"--nmf-iters must be at least 1, got {num_iters}")
-    for module in network.modules():
-        if isinstance(module, NMF):
-            module.num_iters = num_iters
-
-
 class Segmenter:
-    """A loaded model, ready to segment cases with fixed inference options."""
+    """A loaded model, ready to segment cases with fixed inference options.
 
-    def __init__(self, package: ModelPackage | OnnxModel, options: InferenceOptions = InferenceOptions()) -> None:
-        self.card, self.options = package.card, options
-        self.onnx = None
-        if options.backend == "onnx":  # one sliding window for both: ONNX Runtime takes CPU windows
-            self.onnx, self.device, self.networks = onnx_predictor(package, options), torch.device("cpu"), []
-            self.card.label_rules(options.label_convention)
-            return
-        if options.backend != "torch" or isinstance(package, OnnxModel):
-            raise ConfigError(f"backend {options.backend!r} cannot run {getattr(package, 'path', 'this model')}; "
-                              "an .onnx model runs with --backend onnx, a model package with torch or onnx")
-        self.device = resolve_device(options.device)
-        self._autocast = lambda: autocast(self.device, options.precision)
-        self._autocast()  # validate the precision for this device now, not after preprocessing
-        self.networks = package.load_networks(self.device)
-        for network in self.networks:
-            size = getattr(network, "spatial_size", None)
-            if size is not None and tuple(size) != tuple(self.card.roi):
-                raise ConfigError(
-                    f"model card {self.card.name!r}: roi {tuple(self.card.roi)} differs from the "
-                    f"network's spatial_size {tuple(size)}"
-                )
-            if options.nmf_iters is not None:
-                set_nmf_iterations(network, options.nmf_iters)
+    A model package runs in PyTorch; an exported ``OnnxModel`` in ONNX Runtime (``factorizer_cli.api``
+    exports a package on request). Both predict windows for the same sliding window, TTA and
+    postprocessing.
+    """
+
+    def __init__(self, model: ModelPackage | OnnxModel, options: InferenceOptions = InferenceOptions()) -> None:
+        self.card, self.options = model.card, options
+        self.family = family_of(self.card.architecture)
         self.card.label_rules(options.label_convention)  # validate the convention now
+        if isinstance(model, OnnxModel):
+            self.predictor = onnx_predictor(model, options.device, options.precision, options.knobs, options.threads)
+            self.networks: list = []
+        else:
+            self.predictor = TorchPredictor(model, options.device, options.precision, options.knobs)
+            self.networks = self.predictor.networks
+        self.device = self.predictor.device
 
     @property
     def runs_on(self) -> str:
         """Where the windows run, for messages: the PyTorch device, or ONNX Runtime's."""
-        return str(self.device) if self.onnx is None else f"{self.onnx.device_name} (onnxruntime)"
+        return self.predictor.runs_on
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.predictor.warnings
+
+    def check_components(self, request: ComponentRequest) -> None:
+        """Refuse a component request this model cannot serve, before any work."""
+        if not self.networks:
+            raise ConfigError("NMF component maps need the PyTorch backend (--backend torch and a model package)")
+        with self.family.capture_components(self.networks[0], request.blocks):
+            pass
 
     def predict_window(self, x: Tensor) -> Tensor:
         """Mean probability over the folds for a batch of windows (B, C, *roi)."""
-        if self.onnx is not None:
-            return self.onnx(x)
-        total = None
-        with self._autocast():
-            for network in self.networks:
-                logits = full_resolution_logits(network, x).float()
-                probs = torch.sigmoid(logits) if self.card.activation == "sigmoid" else logits.softmax(1)
-                total = probs if total is None else total.add_(probs)
-        return total / len(self.networks)
+        return self.predictor(x)
 
     def infer(self, prepared: Prepared, progress: Progress | None = None,
               capture: ComponentCapture | None = None) -> np.ndarray:
@@ -162,7 +141,7 @@ class Segmenter:
                               f"got {len(images)}")
         start = time.perf_counter()
         prepared = preprocess([i if isinstance(i, Image) else read_image(i) for i in images],
-                              self.card.spacing, self.card.crop_margin_mm)
+                              self.card.preprocessing)
         prepared.seconds = time.perf_counter() - start
         return prepared
 
@@ -170,12 +149,16 @@ class Segmenter:
                keep_probabilities: bool = False, components: ComponentRequest | None = None) -> Segmentation:
         """Inference and postprocessing of a prepared case; ``components``: NMF maps of fold 0 too."""
         seconds = {"preprocess": prepared.seconds}
-        if components is not None and self.onnx is not None:
-            raise ConfigError("NMF component maps need the PyTorch backend (--backend torch)")
-        capture = None if components is None else ComponentCapture(
-            self.networks[0], components, folds=len(self.networks), tta=self.options.tta)
+        capture = None
         start = time.perf_counter()
-        probabilities = self.infer(prepared, progress, capture)
+        if components is None:
+            probabilities = self.infer(prepared, progress)
+        else:
+            if not self.networks:
+                raise ConfigError("NMF component maps need the PyTorch backend (--backend torch and a model package)")
+            with self.family.capture_components(self.networks[0], components.blocks) as recorders:
+                capture = ComponentCapture(recorders, components, folds=len(self.networks), tta=self.options.tta)
+                probabilities = self.infer(prepared, progress, capture)
         seconds["inference"] = time.perf_counter() - start
 
         start = time.perf_counter()

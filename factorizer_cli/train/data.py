@@ -15,13 +15,10 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from ..io import geometry
-from ..io.images import nifti_suffix, read_image, read_label_map
-from ..pipeline.batch import find_cases
-from ..pipeline.preprocess import Crop, Reorientation, Resampling, preprocess
+from ..io.cases import find_labelled_cases
+from ..io.images import read_image, read_label_map
+from ..pipeline.preprocess import preprocess
 from ..zoo.card import ModelCard
-
-_LABEL_NAMES = ("seg", "label", "labels", "msk")
 
 
 @dataclass(frozen=True)
@@ -49,55 +46,21 @@ def region_labels(card: ModelCard) -> list[set[int]]:
     return regions
 
 
-def find_label(case_folder: Path, dataset: Path, name: str) -> Path:
-    """The label map of a case: ``*-seg`` (BraTS), ``*_msk`` (ISLES derivatives), ``labelsTr/`` (nnU-Net)."""
-    candidates = [p for p in sorted(case_folder.glob("*")) if nifti_suffix(p)] if case_folder.is_dir() else []
-    subject = name.split("_")[0]  # BIDS: sub-X (and its sessions); rawdata/ beside derivatives/ too
-    for derivatives in (dataset / "derivatives", dataset.parent / "derivatives"):
-        candidates += sorted(derivatives.glob(f"{subject}/**/*.nii*"))
-    candidates += [p for p in (dataset.parent / "labelsTr" / f"{name}.nii.gz",
-                               dataset.parent / "labelsTr" / f"{name}.nii") if p.is_file()]
-    for path in candidates:
-        stem = path.name[: -len(nifti_suffix(path) or "")].lower()
-        if path.parent.name == "labelsTr" or stem.rsplit("_", 1)[-1].rsplit("-", 1)[-1] in _LABEL_NAMES:
-            return path
-    raise InputError(f"{case_folder}: no label map for case {name} (expected *-seg.nii.gz, *_msk.nii.gz "
-                     "or labelsTr/CASE.nii.gz); add it or remove the case")
-
-
 def find_training_cases(folder: str | Path, card: ModelCard) -> list[tuple[str, tuple[Path, ...], Path]]:
-    """(name, image files in card order, label file) of every case of a dataset folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: no such dataset folder; check the path")
-    images = folder / "imagesTr" if (folder / "imagesTr").is_dir() else folder
-    found = []
-    for case in find_cases(images, card.modality_specs):
-        if case.problem:
-            raise InputError(case.problem)
-        found.append((case.name, case.files, find_label(images / case.name, images, case.name)))
-    if not found:
-        raise InputError(f"{folder}: no cases found; expected BraTS, ISLES or nnU-Net layout")
-    return found
+    """(name, image files in card order, label file) of every case of a dataset folder (``io.cases``)."""
+    return [(case.name, case.files, label) for case, label in find_labelled_cases(folder, card.modality_specs)]
 
 
 def load_case(name: str, files: Sequence[Path], label_file: Path, card: ModelCard,
               regions: list[set[int]]) -> TrainingCase:
     images = [read_image(f) for f in files]
-    prepared = preprocess(images, card.spacing, card.crop_margin_mm)
+    prepared = preprocess(images, card.preprocessing)
     labels = read_label_map(label_file)  # an empty label map is a valid case
     if labels.shape != images[0].shape or not np.allclose(labels.affine, images[0].affine, atol=1e-3):
         raise InputError(f"{label_file}: label map is not on the grid of {files[0]}; resample it first")
     values = np.rint(labels.array).astype(np.int64)
     target = np.stack([np.isin(values, sorted(r)) for r in regions]).astype(np.float32)
-    for step in prepared.inverse.steps:  # the forward direction of each recorded step
-        if isinstance(step, Reorientation):
-            target = geometry.to_canonical(target, images[0].affine)[0]
-        elif isinstance(step, Crop):
-            target = target[(slice(None), *step.box)]
-        elif isinstance(step, Resampling):
-            target = geometry.resample_linear(np.ascontiguousarray(target), prepared.array.shape[1:])
-    target = np.ascontiguousarray(target) > 0.5
+    target = prepared.inverse.apply(target) > 0.5  # the image's own steps, replayed
     foreground = np.argwhere(target[0])
     if len(foreground) > 20000:
         foreground = foreground[:: len(foreground) // 20000]

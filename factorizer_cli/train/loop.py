@@ -8,6 +8,7 @@ have taken. The learning rate is a function of the step alone (linear warm-up, c
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -19,9 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..io.images import atomic_path
-from ..nn.config import build
-from ..pipeline.segment import full_resolution_logits
+from ..families import build, full_resolution_logits
+from ..io.atomic import write_text_atomic
 from ..pipeline.sliding_window import sliding_window_inference
 from ..zoo.card import ModelCard
 from ..zoo.package import save_package
@@ -176,10 +176,11 @@ def _save_model(folder: Path, network: torch.nn.Module, card: ModelCard, run: Ru
 
 def _write_log(out: Path, history: list[dict], outputs) -> None:
     """``train-log.csv``: one row per step; validation Dice on the rows where it ran."""
-    with atomic_path(out / "train-log.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "loss", "lr", "seconds", *(f"dice_{o}" for o in outputs)])
-        for row in history:
-            dice = row.get("validation") or {}
-            writer.writerow([row["step"], row["loss"], f"{row['lr']:.6g}", row["seconds"],
-                             *(dice.get(o, "") for o in outputs)])
+    text = io.StringIO()
+    writer = csv.writer(text)  # "\r\n" line ends, as the csv module writes by default
+    writer.writerow(["step", "loss", "lr", "seconds", *(f"dice_{o}" for o in outputs)])
+    for row in history:
+        dice = row.get("validation") or {}
+        writer.writerow([row["step"], row["loss"], f"{row['lr']:.6g}", row["seconds"],
+                         *(dice.get(o, "") for o in outputs)])
+    write_text_atomic(out / "train-log.csv", text.getvalue())

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..io.images import atomic_path
+from ..io.atomic import atomic_path
 from ..zoo.package import load_state_dict_checked
 
 STATE_FILE = "train-state.safetensors"

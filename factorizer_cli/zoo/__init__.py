@@ -1,11 +1,11 @@
 """Model zoo: model cards, model packages, weight integrity, and upstream checkpoint import."""
 
+from ..safe_pickle import load_checkpoint
 from .card import LabelRule, Modality, ModelCard
 from .package import ModelPackage, open_package, save_package
-from .safe_pickle import load_checkpoint
-from .upstream import config_from_hparams, extract_state_dict, load_upstream
+from .upstream import load_upstream
 
 __all__ = [
     "ModelCard", "Modality", "LabelRule", "ModelPackage", "open_package", "save_package",
-    "load_upstream", "load_checkpoint", "extract_state_dict", "config_from_hparams",
+    "load_upstream", "load_checkpoint",
 ]

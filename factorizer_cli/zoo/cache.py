@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..io.images import atomic_path
+from ..io.atomic import write_json_atomic
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -71,5 +71,4 @@ def forget(keys: list[str]) -> None:
 def _write_trusted(records: dict[str, str]) -> None:
     path = home() / "trusted.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(path, records, sort_keys=True)

@@ -49,12 +49,110 @@ class LabelRule:
     label: int
 
 
+NORMALIZATIONS = ("zscore_nonzero", "fixed", "window", "percentile")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How intensities are scaled, per channel, after the geometric steps.
+
+    - ``zscore_nonzero``: minus the mean, over the std, both over the channel's nonzero voxels; zeros
+      stay zero (skull-stripped MRI: BraTS, ISLES).
+    - ``fixed``: ``(x - mean) / std`` with constants of the training set (SPiN on ATLAS).
+    - ``window``: clipped to ``[low, high]`` and scaled to ``[0, 1]`` (CT in HU, e.g. -125..275).
+    - ``percentile``: the ``low`` and ``high`` percentiles (over nonzero voxels) go to 0 and 1, clipped.
+    """
+
+    kind: str = "zscore_nonzero"
+    mean: float | None = None
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def problems(self) -> list[str]:
+        if self.kind not in NORMALIZATIONS:
+            return [f"normalization kind must be one of {NORMALIZATIONS}, got {self.kind!r}"]
+        needs = {"fixed": ("mean", "std"), "window": ("low", "high"), "percentile": ("low", "high")}
+        missing = [f for f in needs.get(self.kind, ()) if getattr(self, f) is None]
+        if missing:
+            return [f"normalization {self.kind!r} needs {' and '.join(missing)}"]
+        if self.kind == "fixed" and not self.std > 0:
+            return [f"normalization std must be positive, got {self.std}"]
+        if self.kind in ("window", "percentile") and not self.low < self.high:
+            return [f"normalization {self.kind!r} needs low < high, got {self.low}, {self.high}"]
+        if self.kind == "percentile" and not (0 <= self.low and self.high <= 100):
+            return ["normalization percentiles must lie in [0, 100]"]
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The steps from a case's images to the network's input, in this order (see ``pipeline.preprocess``).
+
+    ``orientation``: ``"RAS"`` (reorient to the closest RAS axes) or ``None`` (keep the stored axes).
+    ``spacing``: target mm per axis after reorientation; ``None`` on an axis keeps the native spacing
+    there (slice-wise 2D models keep their slices). ``crop_margin_mm``: crop to the nonzero voxels
+    plus this margin; ``None`` does not crop. ``slice_context``: ``None`` for a 3D network; ``k`` for a
+    2D network that sees each slice of the last axis with ``k`` neighbours on either side as extra
+    channels (windows of size ``[H, W, 1]``; neighbours beyond the volume are 0 after normalization).
+    """
+
+    spacing: tuple[float | None, ...]
+    orientation: str | None = "RAS"
+    crop_margin_mm: float | None = 10.0
+    normalization: Normalization = Normalization()
+    slice_context: int | None = None
+
+    def problems(self) -> list[str]:
+        problems = list(self.normalization.problems())
+        if len(self.spacing) != 3 or any(s is not None and not s > 0 for s in self.spacing):
+            problems.append("spacing needs 3 positive values (or null to keep an axis native)")
+        if self.orientation not in ("RAS", None):
+            problems.append(f"orientation must be \"RAS\" or null, got {self.orientation!r}")
+        if self.crop_margin_mm is not None and self.crop_margin_mm < 0:
+            problems.append(f"crop margin must be >= 0 mm, got {self.crop_margin_mm}")
+        if self.slice_context is not None and self.slice_context < 0:
+            problems.append(f"slice_context must be >= 0, got {self.slice_context}")
+        return problems
+
+    @classmethod
+    def from_card(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """From a card's ``preprocessing`` block, or from the first cards' top-level ``spacing`` and
+        ``crop_margin_mm`` (which mean: RAS, that spacing, that crop, z-score over nonzero voxels)."""
+        block = data.get("preprocessing")
+        if block is None:
+            return cls(spacing=tuple(float(s) for s in data["spacing"]),
+                       crop_margin_mm=float(data.get("crop_margin_mm", 10.0)))
+        crop = block.get("crop_foreground", {"margin_mm": 10.0})
+        return cls(
+            spacing=tuple(None if s is None else float(s) for s in block["spacing"]),
+            orientation=block.get("orientation", "RAS"),
+            crop_margin_mm=None if crop is None else float(crop.get("margin_mm", 10.0)),
+            normalization=Normalization(**block.get("normalization", {})),
+            slice_context=block.get("slice_context"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "orientation": self.orientation,
+            "spacing": list(self.spacing),
+            "crop_foreground": None if self.crop_margin_mm is None else {"margin_mm": self.crop_margin_mm},
+            "normalization": self.normalization.to_dict(),
+        }
+        if self.slice_context is not None:
+            data["slice_context"] = self.slice_context
+        return data
+
+
 @dataclass(frozen=True)
 class ModelCard:
     name: str
     task: str
     modalities: tuple[Modality, ...]
-    spacing: tuple[float, ...]
+    preprocessing: Preprocessing
     roi: tuple[int, ...]
     outputs: tuple[str, ...]
     labels: tuple[LabelRule, ...]
@@ -62,7 +160,6 @@ class ModelCard:
     activation: str = "sigmoid"
     threshold: float = 0.5
     overlap: float = 0.5
-    crop_margin_mm: float = 10.0
     description: str = ""
     license: str = ""
     citation: str = ""
@@ -82,8 +179,11 @@ class ModelCard:
                     problems.append(f"weight {key} {entry[key]!r} must be a plain file name")
         if self.activation not in ACTIVATIONS:
             problems.append(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not (len(self.spacing) == len(self.roi) == 3):
-            problems.append("spacing and roi need 3 values each")
+        problems += self.preprocessing.problems()
+        if len(self.roi) != 3 or any(r < 1 for r in self.roi):
+            problems.append("roi needs 3 positive values")
+        if self.preprocessing.slice_context is not None and self.roi[-1] != 1:
+            problems.append(f"a slice-wise model (slice_context) takes windows [H, W, 1], got roi {list(self.roi)}")
         if not 0 <= self.overlap < 1:
             problems.append(f"overlap must be in [0, 1), got {self.overlap}")
         unknown = [r.region for r in self.labels if r.region not in self.outputs]
@@ -91,6 +191,12 @@ class ModelCard:
             problems.append(f"labels refer to unknown outputs {unknown}; outputs are {list(self.outputs)}")
         if problems:
             raise ConfigError(f"model card {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the network input: the modalities, times the slices a slice-wise model sees."""
+        context = self.preprocessing.slice_context
+        return len(self.modalities) * (1 if context is None else 2 * context + 1)
 
     @property
     def modality_specs(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -116,7 +222,7 @@ class ModelCard:
                     Modality(m["name"], tuple(m.get("aliases", ())), m.get("description", ""))
                     for m in data["inputs"]
                 ),
-                spacing=tuple(float(s) for s in data["spacing"]),
+                preprocessing=Preprocessing.from_card(data),
                 roi=tuple(int(r) for r in data["roi"]),
                 outputs=tuple(data["outputs"]),
                 labels=tuple(LabelRule(r["region"], int(r["label"])) for r in data["labels"]),
@@ -124,7 +230,6 @@ class ModelCard:
                 activation=data.get("activation", "sigmoid"),
                 threshold=float(data.get("threshold", 0.5)),
                 overlap=float(data.get("overlap", 0.5)),
-                crop_margin_mm=float(data.get("crop_margin_mm", 10.0)),
                 description=data.get("description", ""),
                 license=data.get("license", ""),
                 citation=data.get("citation", ""),
@@ -136,10 +241,13 @@ class ModelCard:
             )
         except KeyError as err:
             raise ConfigError(f"model card is missing the field {err.args[0]!r}") from None
+        except TypeError as err:  # e.g. an unknown key in the normalization block
+            raise ConfigError(f"model card {data.get('name', '?')!r}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["inputs"] = data.pop("modalities")
+        data["preprocessing"] = self.preprocessing.to_dict()
         return data
 
     @classmethod

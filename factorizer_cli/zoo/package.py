@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..io.images import atomic_path
-from ..nn.config import build
+from ..families import build
+from ..io.atomic import atomic_path
 from .card import ModelCard
 
 CARD_FILE = "card.json"

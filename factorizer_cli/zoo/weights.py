@@ -10,14 +10,16 @@ as unverified.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
-from ..errors import DownloadError, one_line
+from ..errors import ConfigError, DownloadError, one_line
 from . import cache
+from .card import ModelCard
 from .download import download_url
 from .package import sha256_of
 
@@ -79,6 +81,85 @@ def fetch(entry: Mapping[str, Any], model: str, offline: bool = False,
             "the corrupt file was deleted, download it again"
         )
     return FetchedWeight(path, digest, status)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One weight file of a card as this machine knows it: where from, whether here, how vouched for."""
+
+    fold: int
+    key: str  # ``cache.source_key``: hf://..., a URL, or package:...
+    format: str
+    path: Path | None  # the file when it is here
+    sha256: str | None  # the hash it must have, if any is known
+    status: str  # "verified", "trusted" or "unverified" (see ``expected_sha256``)
+
+
+def weight_sources(card: ModelCard) -> list[WeightSource]:
+    """The card's weight files, one per fold, without downloading anything."""
+    sources = []
+    for i, entry in enumerate(card.weights):
+        sha256, status = expected_sha256(entry)
+        sources.append(WeightSource(entry.get("fold", i), cache.source_key(entry), entry.get("format", "safetensors"),
+                                    local_path(entry, card.name), sha256, status))
+    return sources
+
+
+def with_revision(card: ModelCard, revision: str) -> ModelCard:
+    """``card`` with its hub weights at another revision (commit, branch or tag); their pinned hashes
+    no longer apply. ``ConfigError`` for a card without hub weights."""
+    if not any(e.get("source") == "hub" for e in card.weights):
+        raise ConfigError(f"{card.name}: --revision applies to Hugging Face hub sources; this model has none")
+    return replace(card, weights=tuple({**e, "revision": revision, "sha256": None} if e.get("source") == "hub" else e
+                                       for e in card.weights))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``verify_cached`` found for one weight file."""
+
+    key: str
+    outcome: str  # "missing", "recorded" (no published hash: this one is now trusted), "ok" or "mismatch"
+    sha256: str | None = None  # of the file here
+    expected: str | None = None
+    status: str = ""  # how the expected hash is vouched for: "verified" or "trusted"
+
+
+def verify_cached(card: ModelCard) -> list[Verification]:
+    """Check the cached weights of ``card`` against their hashes.
+
+    A file without a published hash has its hash recorded as trusted (``cache.trust``): later loads
+    then refuse a file that changes.
+    """
+    found = []
+    for entry in card.weights:
+        key, path = cache.source_key(entry), local_path(entry, card.name)
+        if path is None:
+            found.append(Verification(key, "missing"))
+            continue
+        digest = sha256_of(path)
+        expected, status = expected_sha256(entry)
+        if expected is None:
+            cache.trust(key, digest)
+            found.append(Verification(key, "recorded", digest))
+        else:
+            found.append(Verification(key, "ok" if digest == expected else "mismatch", digest, expected, status))
+    return found
+
+
+def remove_cached(card: ModelCard) -> int:
+    """Delete a model's downloaded weights, converted packages and trust records; the files removed."""
+    removed = 0
+    for entry in card.weights:
+        path = local_path(entry, card.name)
+        if path is not None and entry.get("source") in ("url", "hub"):
+            _delete(path)
+            removed += 1
+    for folder in (cache.home() / "downloads" / card.name, cache.home() / "models" / card.name):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    cache.forget([cache.source_key(e) for e in card.weights])
+    return removed
 
 
 def offline_hint(what: str, fetch_command: str) -> str:

@@ -15,6 +15,10 @@ the same parameters as plain tensor algebra, laid out for ONNX Runtime:
   unrolled in float64; the reconstruction is two thin MatMuls. Other NMF configurations run the
   solver's updates unrolled on each head's ``d × voxels`` matrices.
 
+The arithmetic is not repeated here: the half-precision guard, the update loop, the Gram iterations,
+the solvers' updates and the shifted-window average are ``nn.factorization``'s and ``nn.matricize``'s
+kernels, called with a tensor ε and with Gathers as the window partition.
+
 Layers it does not know are called as they are (channels first). A network that is not a U-shaped
 Factorizer is exported through ``predict`` (or ``forward``) unchanged.
 """
@@ -28,11 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ExportError
-from ..nn.blocks import FactMixerBlock, FactorizerBlock, FactorizerStage, FactorizerSubblock
-from ..nn.factorization import HALS, NMF, MultiplicativeUpdate
-from ..nn.layers import MLP, LayerNorm, Linear, PositionalEmbedding, Residual
-from ..nn.matricize import Matricize
-from ..nn.networks import UNet
+from .blocks import FactMixerBlock, FactorizerBlock, FactorizerStage, FactorizerSubblock
+from .factorization import (
+    HALF,
+    HALS,
+    NMF,
+    MultiplicativeUpdate,
+    in_float32,
+    iterate,
+    rank1_hals_gram,
+)
+from .layers import MLP, LayerNorm, Linear, PositionalEmbedding, Residual
+from .matricize import Matricize, partition_mean
+from .networks import UNet
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -156,6 +168,20 @@ def fold(window: Matricize, y: Tensor, like: Tensor) -> Tensor:
     return torch.index_select(rows, 1, voxel_index(window)).reshape(like.shape)
 
 
+class GatherPartition:
+    """``window``'s partition of channels-last maps shaped as ``like``, as ``unfold`` and ``fold``: a
+    ``nn.matricize.Partition``, so the subblock's shifted-window loop is ``partition_mean``."""
+
+    def __init__(self, window: Matricize, like: Tensor) -> None:
+        self.window, self.like = window, like
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return unfold(self.window, x)
+
+    def inverse_forward(self, y: Tensor) -> Tensor:
+        return fold(self.window, y, self.like)
+
+
 # --- NMF -----------------------------------------------------------------------------------------
 
 def tensor_eps(value: float, dtype: torch.dtype) -> Tensor:
@@ -166,20 +192,18 @@ def tensor_eps(value: float, dtype: torch.dtype) -> Tensor:
 
 
 def gram_path_applies(nmf: nn.Module) -> bool:
-    return (isinstance(nmf, NMF) and nmf.input_is_nonnegative and nmf.rank == 1
-            and isinstance(nmf.solver, HALS) and nmf.num_iters >= 1)
+    return isinstance(nmf, NMF) and nmf.gram_shortcut
 
 
-def rank1_hals_gram(nmf: NMF, xw: Tensor, heads: int) -> Tensor:
+def gram_nmf(nmf: NMF, xw: Tensor, heads: int) -> Tensor:
     """Rank-1 HALS of every head's ``d × voxels`` matrix of the windows ``xw`` (``B × voxels × C``,
     nonnegative, ``C = heads · d``) on its Gram matrix: the reconstructions, laid out as ``xw``.
 
-    The same iteration as ``NMF._rank1_hals_gram`` (see there for the algebra).
+    The iterations are ``nn.factorization.rank1_hals_gram``'s; only the data layout is this module's.
     """
     batch, n, channels = xw.shape
     d = channels // heads
     eps = nmf.solver.eps
-    add_eps, add_eps2n = tensor_eps(eps, torch.float64), tensor_eps(eps * eps * n, torch.float64)
     eye = torch.eye(heads, dtype=xw.dtype)
     # One pass over the windows: the C × C Gram matrix (its diagonal d × d blocks are the heads'),
     # and each row's sum and product with v0.
@@ -187,20 +211,13 @@ def rank1_hals_gram(nmf: NMF, xw: Tensor, heads: int) -> Tensor:
     gram = (gram * eye.reshape(1, heads, 1, heads, 1)).sum(3).double()  # batch × heads × d × d
     v0 = nmf.init.v0.to(xw.dtype)  # voxels × 1
     rows = (torch.cat([torch.ones_like(v0), v0], 1).t() @ xw).reshape(batch, 2, heads, d, 1).double()
-    row_sum, x_v0 = rows[:, 0], rows[:, 1]  # batch × heads × d × 1
-    v0 = v0.double()
-    u = torch.relu((x_v0 + add_eps) / (v0.t() @ v0 + add_eps))
-    for _ in range(nmf.num_iters - 1):
-        c = u.transpose(-1, -2) @ u + add_eps
-        xv = (gram @ u + eps * row_sum) / c
-        vtv = (u.transpose(-1, -2) @ gram @ u + 2 * eps * (u.transpose(-1, -2) @ row_sum) + add_eps2n) / (c * c)
-        u = torch.relu((xv + add_eps) / (vtv + add_eps))
-    c = u.transpose(-1, -2) @ u + add_eps  # batch × heads × 1 × 1
-    # Reconstruction u (uᵀ x + ε 1ᵀ) / c per head: s = xᵀu for all heads with one MatMul against the
+    u, scaled = rank1_hals_gram(gram, rows[:, 0], rows[:, 1], v0.double(), nmf.num_iters,
+                                tensor_eps(eps, torch.float64))  # batch × heads × d × 1, twice
+    # Reconstruction (u / c)(uᵀ x + ε 1ᵀ) per head: s = xᵀu for all heads with one MatMul against the
     # heads' u stacked block-diagonally (C × heads), then [s 1] @ [uᵀ/c; ε uᵀ/c] back to C channels.
     u_blocks = (u.to(xw.dtype) * eye.reshape(1, heads, 1, heads)).reshape(batch, channels, heads)
     s = xw @ u_blocks  # batch × voxels × heads
-    scaled = (u / c).to(xw.dtype)  # batch × heads × d × 1
+    scaled = scaled.to(xw.dtype)
     back = scaled.reshape(batch, 1, heads, d) * eye.reshape(1, heads, heads, 1)
     back = back.reshape(batch, heads, channels)  # row h: head h's uᵀ/c in its channels, zeros elsewhere
     offset = (eps * scaled).reshape(batch, 1, channels)
@@ -208,30 +225,22 @@ def rank1_hals_gram(nmf: NMF, xw: Tensor, heads: int) -> Tensor:
     return torch.cat([s, ones], -1) @ torch.cat([back, offset], 1)
 
 
-def solver_update(solver: nn.Module, x: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """``solver.update(x, u, v)`` (MU or HALS, see ``nn.factorization``) with a tensor ε."""
-    if not isinstance(solver, (MultiplicativeUpdate, HALS)):
-        raise ExportError(f"cannot export the NMF solver {type(solver).__name__}")
-    return solver.update(x, u, v, eps=tensor_eps(solver.eps, x.dtype))
-
-
 def unrolled_nmf(nmf: NMF, x: Tensor) -> Tensor:
-    """``nmf(x)`` for ``x`` (``... × M × N``), its ``num_iters`` iterations unrolled (``NMF.decompose``)."""
-    batch = x.shape[:-2]
-    u, v = nmf.init.u0.to(x.dtype), nmf.init.v0.to(x.dtype)
-    u, v = u.expand(*batch, *u.shape), v.expand(*batch, *v.shape)
-    for _ in range(nmf.num_iters):
-        u = solver_update(nmf.solver, x, u, v)
-        v = solver_update(nmf.solver, x.transpose(-1, -2), v, u)
+    """``nmf(x)`` for ``x`` (``... × M × N``): ``NMF.decompose``'s iterations, unrolled, with a tensor ε."""
+    if not isinstance(nmf.solver, (MultiplicativeUpdate, HALS)):
+        raise ExportError(f"cannot export the NMF solver {type(nmf.solver).__name__}")
+    eps = tensor_eps(nmf.solver.eps, x.dtype)
+    u, v = (f.to(x.dtype) for f in nmf.init(x))
+    u, v = iterate(lambda x, u, v: nmf.solver.update(x, u, v, eps=eps), x, u, v, nmf.num_iters)
     return u @ v.transpose(-1, -2)
 
 
 def factorize(nmf: nn.Module, xw: Tensor, heads: int) -> Tensor:
     """The factorization of every head's matrix of the windows ``xw`` (``B × voxels × C``), as ``xw``."""
-    if xw.dtype in (torch.float16, torch.bfloat16):  # as NMF.forward: ε needs float32
-        return factorize(nmf, xw.float(), heads).to(xw.dtype)
+    if xw.dtype in HALF:  # as NMF.forward: in float32
+        return in_float32(lambda x32: factorize(nmf, x32, heads), xw).to(xw.dtype)
     if gram_path_applies(nmf):
-        return rank1_hals_gram(nmf, xw, heads)
+        return gram_nmf(nmf, xw, heads)
     batch, n, channels = xw.shape
     matrices = xw.reshape(batch, n, heads, channels // heads).permute(0, 2, 3, 1)  # B × h × d × voxels
     out = unrolled_nmf(nmf, matrices) if isinstance(nmf, NMF) else nmf(matrices)
@@ -241,13 +250,9 @@ def factorize(nmf: nn.Module, xw: Tensor, heads: int) -> Tensor:
 def subblock(module: FactorizerSubblock, x: Tensor) -> Tensor:
     """in_proj → activation → NMF on every window partition → mean over partitions → out_proj."""
     out = module.act(linear(module.in_proj, x))  # elementwise: commutes with the partition
-    windows = getattr(module.tensorize, "shifted_windows", [module.tensorize])
-    total = None
-    for window in windows:
-        y = fold(window, factorize(module.factorize, unfold(window, out), window.num_heads), out)
-        total = y if total is None else total + y
-    if len(windows) > 1:
-        total = total / len(windows)
+    partitions = [GatherPartition(window, out) for window in module.windows]
+    heads = module.windows[0].num_heads
+    total = partition_mean(out, partitions, lambda xw: factorize(module.factorize, xw, heads))
     return linear(module.out_proj, total)
 
 

@@ -1,0 +1,61 @@
+"""Process-wide CPU settings for entry points (the CLI, benchmarks), applied before PyTorch loads.
+
+Why: PyTorch's CPU wheels parallelize with GNU OpenMP (``libgomp``; ``torch.__config__.parallel_info()``
+says "ATen parallel backend: OpenMP", and MKL and oneDNN run on the same runtime). By default a
+libgomp thread that reaches the end of a parallel region spins for about 300,000 iterations before it
+sleeps. Our inference path runs many short parallel regions (per-slab NMF, chunked 1×1 layers), so
+its threads spend their gaps spinning. On an idle machine that costs nothing; beside other busy
+processes the spinning threads burn the time slices the working thread needs, and a thread that was
+descheduled holds the others at the next barrier. Measured on 2 cores with two ``yes > /dev/null``
+beside it, the seed README network's 128³ forward went from 7.6 s (idle) to 38.9 s; with
+``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once) it took 13.4 s, and idle was unchanged.
+
+Capping the thread count is not done: the kernel shares the CPU per thread, so fewer threads only
+shrink our share under load and slow the idle case. ``KMP_*`` variables are for Intel's ``libiomp``
+and do nothing to ``libgomp``.
+
+libgomp reads its environment once, when it is loaded (with ``import torch``), so these settings must
+be in ``os.environ`` before that: call :func:`configure_cpu_runtime` first thing in an entry point.
+Library code never calls it (it does not touch the environment of a program that imports it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping
+
+# Our defaults; a variable the user set keeps the user's value.
+CPU_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Variables that decide libgomp's waiting themselves: if the user set one, we add none of ours, since
+# GOMP_SPINCOUNT overrides the spin count that OMP_WAIT_POLICY would imply.
+_USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def openmp_loaded() -> bool:
+    """Whether an OpenMP runtime (or PyTorch, which brings one) is already in this process.
+
+    On Linux the process's memory map says it exactly (a library other than torch may have loaded
+    libgomp); elsewhere, whether ``torch`` was imported.
+    """
+    if "torch" in sys.modules:
+        return True
+    try:
+        with open("/proc/self/maps") as maps:
+            return any(name in line for line in maps for name in ("libgomp", "libiomp", "libomp."))
+    except OSError:
+        return False
+
+
+def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Set the CPU defaults of :data:`CPU_DEFAULTS` where the user has not; True if they can take effect.
+
+    Only ``setdefault``: the user's own ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` wins. Returns False
+    (the variables are still set, for child processes) when an OpenMP runtime is already loaded,
+    since it read its environment when it loaded and will not read it again.
+    """
+    env = os.environ if environ is None else environ
+    if not any(name in env for name in _USER_WAIT_SETTINGS):
+        for name, value in CPU_DEFAULTS.items():
+            env.setdefault(name, value)
+    return not openmp_loaded()

@@ -1,0 +1,96 @@
+"""The benchmark scripts run: the GPU check end to end on the CPU (``--dry-run``), the forward benchmark at
+a tiny size, and the busy processes of ``forward.py --load`` die with the benchmark, however it ends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _forward_module():
+    spec = importlib.util.spec_from_file_location("forward_benchmark", BENCHMARKS / "forward.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_with_dry_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu.py"), "--dry-run", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert "agree %" in result.stdout and "max |dp|" in result.stdout
+    for row in rows:
+        gpu = "cuda" in row["runtime"] or "tensorrt" in row["runtime"]
+        if gpu:
+            assert row["status"].startswith("skipped: no CUDA"), row
+        elif row["check"].startswith("export") and row["model"] == "seed":
+            assert row["status"].startswith("skipped: not in --onnx-models"), row  # one export: time
+        elif row["runtime"] == "onnxruntime cpu fp32" and row["model"] == "seed":
+            assert row["status"].startswith("skipped"), row
+        else:
+            assert row["status"] == "ok", row
+            assert row["seconds"] > 0
+    by = {(r["check"].split()[0], r["model"], r["runtime"]): r for r in rows}
+    assert {"window", "case"} <= {k[0] for k in by}
+    onnx_cpu = by[("window", "demo", "onnxruntime cpu fp32")]
+    assert onnx_cpu["agreement_pct"] > 99.9 and onnx_cpu["max_abs_dp"] < 1e-4
+
+
+def test_forward_benchmark_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "forward.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "forward.py"), "--size", "32", "--patch-size", "2", "--rounds", "1",
+         "--repeats", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["idle"]["ours"]["median_s"] > 0
+    env = results["idle"]["ours"]["env"]  # the worker ran with the command's defaults, set before torch
+    assert env["vars"]["OMP_WAIT_POLICY"] == "PASSIVE" and env["set_before_torch"] is True
+    assert "OMP_WAIT_POLICY=PASSIVE" in result.stdout
+
+
+def test_busy_processes_end_with_the_block_and_with_a_killed_benchmark():
+    forward = _forward_module()
+    with forward.busy_processes(2) as processes:
+        pids = [p.pid for p in processes]
+        assert all(_alive(pid) for pid in pids)
+    assert not any(_alive(pid) for pid in pids)
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("dying with the parent (PR_SET_PDEATHSIG) is Linux only")
+    code = ("import importlib.util, os, signal, sys\n"
+            f"spec = importlib.util.spec_from_file_location('f', {str(BENCHMARKS / 'forward.py')!r})\n"
+            "f = importlib.util.module_from_spec(spec); spec.loader.exec_module(f)\n"
+            "with f.busy_processes(2) as ps:\n"
+            "    print(' '.join(str(p.pid) for p in ps), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL
+    pids = [int(p) for p in result.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids), "busy processes outlived a SIGKILLed benchmark"
