@@ -81,7 +81,7 @@ def run_batch(
     todo = [c for c in cases if overwrite or not output_path(output_dir, c).exists()]
     results = [CaseResult(c.name, "skipped", output=str(output_path(output_dir, c)))
                for c in cases if c not in todo]
-    with ThreadPoolExecutor(max_workers=1, initializer=_yield_to_inference) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         def prepare(case: Case) -> Future | None:
             if not case.files:
                 return None
@@ -205,13 +205,3 @@ def segment_dataset(segmenter: Segmenter, folder: str | os.PathLike[str], output
     """
     plan = plan_dataset(segmenter.card, folder, output_dir, overwrite=overwrite, shard=shard, pattern=pattern)
     return plan.run(segmenter, stop_event=stop_event, on_result=on_result)
-
-
-def _yield_to_inference() -> None:
-    """Lower the read-ahead thread's priority (Linux: per thread), so that preparing the next case takes
-    the cores the network leaves idle rather than slowing the network down; the case is still ready
-    long before inference ends (seconds against tens of seconds)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
-    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default priority
-        pass
