@@ -4,10 +4,8 @@ Adding a family is one new module here (imported below) plus its model cards; se
 what a family provides and README's developer section for a worked example.
 """
 
-from . import (
-    factorizer,  # noqa: E402,F401
-    layers,  # noqa: E402,F401  (registers the families: plain layers first, they are nested)
-)
+# Importing a family's module registers it (order does not matter: classes are looked up at build time).
+from . import factorizer, layers, uxnet  # noqa: F401
 from .registry import (
     Family,
     Knob,
