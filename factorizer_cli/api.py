@@ -303,7 +303,8 @@ def preprocessing_summary(card: ModelCard) -> str:
     norm = steps.normalization
     parts = [
         "RAS" if steps.orientation == "RAS" else "stored axes",
-        "spacing " + " × ".join("native" if s is None else f"{s:g}" for s in steps.spacing) + " mm",
+        "native spacing" if all(s is None for s in steps.spacing)
+        else "spacing " + " × ".join("native" if s is None else f"{s:g}" for s in steps.spacing) + " mm",
         "no crop" if steps.crop_margin_mm is None else f"crop to foreground + {steps.crop_margin_mm:g} mm",
         {"zscore_nonzero": "z-score over nonzero voxels",
          "fixed": f"(x − {norm.mean:g}) / {norm.std:g}" if norm.kind == "fixed" else "",

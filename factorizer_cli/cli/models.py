@@ -75,7 +75,9 @@ def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.
         ("network", f"{card.architecture.get('class')} ({family_title(card)})"),
         ("preprocessing", preprocessing_summary(card)),
         ("window", " × ".join(map(str, card.roi)) + f" voxels, overlap {card.overlap:g}"),
-        ("outputs", f"{', '.join(card.outputs)} ({card.activation}, threshold {card.threshold:g})"),
+        ("outputs", f"{', '.join(card.outputs)} ("
+                    + ("softmax, the most probable class" if card.activation == "softmax"
+                       else f"sigmoid, threshold {card.threshold:g}") + ")"),
         ("labels", ", ".join(f"{r.label}: {card.label_names.get(str(r.label), r.region)}" for r in card.labels)),
         ("parameters", _parameters(card)),
         ("license", card.license),

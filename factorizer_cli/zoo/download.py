@@ -28,6 +28,11 @@ def download_url(url: str, destination: Path, progress: Progress | None = None, 
         request.add_header("Range", f"bytes={done}-")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
+            if response.headers.get_content_type() == "text/html":  # weights are never a web page
+                raise DownloadError(
+                    f"{url}: the server sent a web page, not the weights (a folder, sign-in or quota page); "
+                    f"download the file in a browser and put it at {destination}, or use `factorizer models "
+                    "import`")
             if done and response.status != 206:  # the server ignored the range: start over
                 done = 0
             length = response.headers.get("Content-Length")
