@@ -1,7 +1,9 @@
 """factorizer-cli: Factorizer segmentation networks (differentiable NMF) for clinical MRI.
 
 ``import factorizer_cli as ft`` gives the seed paper's API (``ft.NMF``, ``ft.SWMatricize``,
-``ft.SegmentationFactorizer``, ...).
+``ft.SegmentationFactorizer``, ...), ``ft.build`` for networks described as data, and the entry points
+of segmentation (``ft.load_segmenter``, ``ft.segment_case``, ``ft.segment_dataset``; the rest of the
+commands' functions are in ``factorizer_cli.api``).
 
 The API is loaded lazily (PEP 562): importing the package does not import PyTorch. The ``factorizer``
 command relies on this to set OpenMP's environment before PyTorch loads it (``factorizer_cli.runtime``),
