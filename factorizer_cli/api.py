@@ -68,7 +68,7 @@ __all__ = [
     "Segmentation", "Segmenter", "TrainConfig", "TrainResult", "Verification", "WeightSource",
     "components_preview", "download_weights", "environment", "evaluate", "export_onnx", "family_title", "generate_phantoms",
     "import_checkpoints", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
-    "plan_dataset", "preprocessing_summary", "remove_cached", "run_demo", "segment_case", "segment_dataset", "set_threads",
+    "plan_dataset", "remove_cached", "run_demo", "segment_case", "segment_dataset", "set_threads",
     "torch_version", "train", "verify_cached", "weight_sources", "zoo_models",
 ]
 
@@ -295,26 +295,6 @@ def zoo_models() -> list[ModelCard]:
 def family_title(card: ModelCard) -> str:
     """The architecture family of a card's network, for people: ``Factorizer``, ``plain PyTorch layer``."""
     return family_of(card.architecture).title
-
-
-def preprocessing_summary(card: ModelCard) -> str:
-    """The card's preprocessing steps on one line."""
-    steps = card.preprocessing
-    norm = steps.normalization
-    parts = [
-        "RAS" if steps.orientation == "RAS" else "stored axes",
-        "native spacing" if all(s is None for s in steps.spacing)
-        else "spacing " + " × ".join("native" if s is None else f"{s:g}" for s in steps.spacing) + " mm",
-        "no crop" if steps.crop_margin_mm is None else f"crop to foreground + {steps.crop_margin_mm:g} mm",
-        {"zscore_nonzero": "z-score over nonzero voxels",
-         "fixed": f"(x − {norm.mean:g}) / {norm.std:g}" if norm.kind == "fixed" else "",
-         "window": f"window {norm.low:g}..{norm.high:g} → 0..1" if norm.kind == "window" else "",
-         "percentile": f"percentiles {norm.low:g}..{norm.high:g} → 0..1" if norm.kind == "percentile" else "",
-         }[norm.kind],
-    ]
-    if steps.slice_context is not None:
-        parts.append(f"2D slices with {steps.slice_context} neighbours each side")
-    return ", ".join(parts)
 
 
 def parameter_count(card: ModelCard) -> int:

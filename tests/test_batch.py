@@ -229,7 +229,7 @@ def test_input_folder_is_only_read(tmp_path, model_dir):
 
 
 def test_leftovers_of_killed_writers_are_removed_and_nothing_else(tmp_path):
-    from factorizer_cli.io.images import _HOST, remove_stale_temporaries
+    from factorizer_cli.io.atomic import _HOST, remove_stale_temporaries
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
 from factorizer_cli.errors import InputError
-from factorizer_cli.pipeline.evaluate import evaluate_folders, find_truths, pair_cases
+from factorizer_cli.io.cases import find_label_maps
+from factorizer_cli.pipeline.evaluate import evaluate_folders, pair_cases
 from factorizer_cli.pipeline.metrics import (
     detect_regions,
     dice,
@@ -237,7 +238,7 @@ def test_isles_and_nnunet_layouts_pair_by_case(tmp_path):
     _save(tmp_path / "pred" / "sub-strokecase0001.nii.gz", mask)  # batch mode names the subject folder
     _save(tmp_path / "pred" / "case_001.nii.gz", mask)
 
-    assert [t.case for t in find_truths(tmp_path / "isles")] == ["sub-strokecase0001_ses-0001"]
+    assert [t.case for t in find_label_maps(tmp_path / "isles")] == ["sub-strokecase0001_ses-0001"]
     pairs, unmatched = pair_cases(tmp_path / "pred", tmp_path / "isles")
     assert pairs[0].prediction.name == "sub-strokecase0001.nii.gz" and len(unmatched) == 1
     result = evaluate_folders(tmp_path / "pred", tmp_path / "nnunet")

@@ -63,7 +63,7 @@ def list_models() -> None:
 @friendly_errors
 def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.")]) -> None:
     """Everything the card says about a model: inputs, geometry, outputs, labels, weights."""
-    from ..api import family_title, load_card, preprocessing_summary, weight_sources
+    from ..api import family_title, load_card, weight_sources
 
     card = load_card(name)
     console = Console()
@@ -73,7 +73,7 @@ def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.
     rows = [
         ("inputs", ", ".join(m.name + (f" ({'/'.join(m.aliases)})" if m.aliases else "") for m in card.modalities)),
         ("network", f"{card.architecture.get('class')} ({family_title(card)})"),
-        ("preprocessing", preprocessing_summary(card)),
+        ("preprocessing", card.preprocessing.describe()),
         ("window", " × ".join(map(str, card.roi)) + f" voxels, overlap {card.overlap:g}"),
         ("outputs", f"{', '.join(card.outputs)} ("
                     + ("softmax, the most probable class" if card.activation == "softmax"

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import ConfigError, ExportError, one_line
-from ..families import Family, family_of, full_resolution_logits
+from ..families import Family, SliceWindow, activate, family_of, window_logits
 from ..io.atomic import atomic_path
 from ..zoo import cache
 from ..zoo.card import ModelCard
@@ -71,17 +71,6 @@ class ExportedFile:
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # per verification input
 
 
-class SliceWindow(nn.Module):
-    """A slice-wise 2D graph seen as one for windows ``[H, W, 1]``, like the 3D models' graphs."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.module(x[..., 0]).unsqueeze(-1)
-
-
 def window_graph(family: Family, network: nn.Module, card: ModelCard) -> nn.Module:
     """The module traced for one network: the family's export form, taking the card's windows."""
     module = family.export_module(family.prepare(network))
@@ -100,7 +89,7 @@ class EnsembleGraph(nn.Module):
         total = None
         for fold in self.folds:
             logits = fold(x).float()
-            p = torch.sigmoid(logits) if self.activation == "sigmoid" else logits.softmax(1)
+            p = activate(logits, self.activation)
             total = p if total is None else total + p
         return total / len(self.folds)
 
@@ -247,12 +236,10 @@ def verify_model(model: bytes | str | Path, networks: Sequence[nn.Module], card:
     diffs = {}
     for name, x in verification_inputs(card, options.batch_size or 2).items():
         with torch.inference_mode():
-            if card.preprocessing.slice_context is None:
-                outs = [full_resolution_logits(n, x).float() for n in networks]
-            else:
-                outs = [full_resolution_logits(n, x[..., 0]).unsqueeze(-1).float() for n in networks]
+            slice_wise = card.preprocessing.slice_context is not None
+            outs = [window_logits(n, x, slice_wise).float() for n in networks]
             if output == "probabilities":
-                outs = [torch.sigmoid(o) if card.activation == "sigmoid" else o.softmax(1) for o in outs]
+                outs = [activate(o, card.activation) for o in outs]
             expected = torch.stack(outs).mean(0).numpy()
         try:
             got = session.run(None, {session.get_inputs()[0].name: x.numpy().astype(dtype)})[0]

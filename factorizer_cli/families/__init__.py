@@ -10,11 +10,11 @@ from .registry import (
     Family,
     Knob,
     LogitsModule,
+    SliceWindow,
     UpstreamFormat,
+    activate,
     all_classes,
     build,
-    families,
-    family_named,
     family_of,
     full_resolution_logits,
     read_upstream,
@@ -22,10 +22,11 @@ from .registry import (
     resolve,
     unregister,
     upstream_config,
+    window_logits,
 )
 
 __all__ = [
-    "Family", "Knob", "LogitsModule", "UpstreamFormat", "all_classes", "build",
-    "families", "family_named", "family_of", "full_resolution_logits", "read_upstream", "register",
-    "resolve", "unregister", "upstream_config",
+    "Family", "Knob", "SliceWindow", "activate", "LogitsModule", "UpstreamFormat", "all_classes", "build",
+    "family_of", "full_resolution_logits", "read_upstream", "register",
+    "resolve", "unregister", "upstream_config", "window_logits",
 ]

@@ -18,11 +18,12 @@ A description is data: only registered classes can be built, never an arbitrary 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError
@@ -73,6 +74,30 @@ def full_resolution_logits(network: nn.Module, x: Tensor) -> Tensor:
     """The full-resolution output only: ``predict`` where the network has it, else the first head."""
     out = network.predict(x) if hasattr(network, "predict") else network(x)
     return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def window_logits(network: nn.Module, x: Tensor, slice_wise: bool = False) -> Tensor:
+    """Full-resolution logits of windows ``(B, C, *roi)``; a slice-wise 2D network (windows ``[H, W, 1]``)
+    sees ``(B, C, H, W)`` and its logits get the slice axis back."""
+    if slice_wise:
+        return full_resolution_logits(network, x[..., 0]).unsqueeze(-1)
+    return full_resolution_logits(network, x)
+
+
+def activate(logits: Tensor, activation: str) -> Tensor:
+    """Probabilities from logits: a sigmoid per channel (nested regions) or a softmax over the channels."""
+    return torch.sigmoid(logits) if activation == "sigmoid" else logits.softmax(1)
+
+
+class SliceWindow(nn.Module):
+    """A slice-wise 2D module seen as one for windows ``[H, W, 1]``, like the 3D models (for export)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        return window_logits(self.module, x, slice_wise=True)
 
 
 class LogitsModule(nn.Module):
@@ -145,16 +170,6 @@ def unregister(name: str) -> None:
     family = _FAMILIES.pop(name)
     for cls in family.classes:
         _OWNER.pop(cls, None)
-
-
-def families() -> Iterator[Family]:
-    yield from _FAMILIES.values()
-
-
-def family_named(name: str) -> Family:
-    if name not in _FAMILIES:
-        raise ConfigError(f"unknown architecture family {name!r}; known: {', '.join(sorted(_FAMILIES))}")
-    return _FAMILIES[name]
 
 
 def family_of(config: Mapping[str, Any] | nn.Module) -> Family:

@@ -30,8 +30,8 @@ from nibabel.spatialimages import HeaderDataError
 
 from ..errors import InputError, OutputError, one_line
 from . import geometry
-from .atomic import _HOST, atomic_path, remove_stale_temporaries  # noqa: F401  (old home of the last two)
-from .cases import NIFTI_SUFFIXES, nifti_suffix  # noqa: F401  (re-exported: many readers name them here)
+from .atomic import atomic_path
+from .cases import nifti_suffix
 
 _ACCEPTED = "a .nii or .nii.gz file, or a folder holding one DICOM series"
 # What nibabel, gzip and zlib raise on a truncated or corrupt file, depending on where it breaks.

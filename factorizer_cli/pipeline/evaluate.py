@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.atomic import write_json_atomic, write_text_atomic
-from ..io.cases import LabelMap, find_flat_label_maps, find_label_maps
+from ..io.cases import find_flat_label_maps, find_label_maps
 from ..io.images import Image, read_label_map
 from . import metrics
 
@@ -122,26 +122,16 @@ class Evaluation:
         write_json_atomic(path, self.to_dict())
 
 
-def find_truths(gt_dir: str | os.PathLike[str]) -> list[LabelMap]:
-    """The ground truths under ``gt_dir`` in any layout of the module notes, sorted by case id."""
-    return find_label_maps(gt_dir, "ground truth")
-
-
-def find_predictions(pred_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Case id -> predicted label map: the NIfTI files directly in ``pred_dir``."""
-    return find_flat_label_maps(pred_dir, "prediction")
-
-
 def pair_cases(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[str]) -> tuple[list[Pair], list[Path]]:
     """Every ground truth with its prediction (or None), and the predictions that match no truth.
 
     A prediction matches the truth whose case id it bears, else the one truth with that alias.
     Raises ``InputError`` when either folder holds nothing usable or no prediction matches any truth.
     """
-    truths = find_truths(gt_dir)
+    truths = find_label_maps(gt_dir, "ground truth")
     if not truths:
         raise InputError(f"{gt_dir}: no ground truths found; expected {GROUND_TRUTH_LAYOUTS}")
-    predictions = find_predictions(pred_dir)
+    predictions = find_flat_label_maps(pred_dir, "prediction")
     if not predictions:
         raise InputError(f"{pred_dir}: no predictions (.nii.gz or .nii files) in this folder; give the "
                          "folder that `factorizer segment` wrote")

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import CheckpointError, ConfigError, DeviceError, one_line
-from ..families import Family, family_of, full_resolution_logits
+from ..families import Family, activate, family_of, window_logits
 from ..zoo.onnx_file import OnnxModel
 from ..zoo.package import ModelPackage
 from .device import autocast, resolve_device
@@ -27,17 +27,6 @@ from .device import autocast, resolve_device
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 GPU_HINT = ("pip install 'factorizer-cli[gpu]' (onnxruntime-gpu; uninstall the CPU package onnxruntime "
             "first if both are installed)")
-
-
-def activate(logits: Tensor, activation: str) -> Tensor:
-    return torch.sigmoid(logits) if activation == "sigmoid" else logits.softmax(1)
-
-
-def window_logits(network: nn.Module, x: Tensor, slice_wise: bool) -> Tensor:
-    """Full-resolution logits of windows; a slice-wise 2D network sees ``(B, C, H, W)`` for ``[H, W, 1]``."""
-    if slice_wise:
-        return full_resolution_logits(network, x[..., 0]).unsqueeze(-1)
-    return full_resolution_logits(network, x)
 
 
 class TorchPredictor:
@@ -154,7 +143,7 @@ class OnnxPredictor:
             outputs.append(out[: len(array) - start])
         y = torch.from_numpy(np.concatenate(outputs) if len(outputs) > 1 else outputs[0]).float()
         if self.model.output == "logits":
-            y = torch.sigmoid(y) if self.card.activation == "sigmoid" else y.softmax(1)
+            y = activate(y, self.card.activation)
         return y.to(x.device)
 
 

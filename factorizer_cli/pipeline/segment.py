@@ -101,10 +101,14 @@ class Segmenter:
 
     def check_components(self, request: ComponentRequest) -> None:
         """Refuse a component request this model cannot serve, before any work."""
+        with self._capture(request):
+            pass
+
+    def _capture(self, request: ComponentRequest):
+        """The family's recorders on fold 0's chosen blocks, for a ``with`` block (``ConfigError`` if none)."""
         if not self.networks:
             raise ConfigError("NMF component maps need the PyTorch backend (--backend torch and a model package)")
-        with self.family.capture_components(self.networks[0], request.blocks):
-            pass
+        return self.family.capture_components(self.networks[0], request.blocks)
 
     def predict_window(self, x: Tensor) -> Tensor:
         """Mean probability over the folds for a batch of windows (B, C, *roi)."""
@@ -154,9 +158,7 @@ class Segmenter:
         if components is None:
             probabilities = self.infer(prepared, progress)
         else:
-            if not self.networks:
-                raise ConfigError("NMF component maps need the PyTorch backend (--backend torch and a model package)")
-            with self.family.capture_components(self.networks[0], components.blocks) as recorders:
+            with self._capture(components) as recorders:
                 capture = ComponentCapture(recorders, components, folds=len(self.networks), tta=self.options.tta)
                 probabilities = self.infer(prepared, progress, capture)
         seconds["inference"] = time.perf_counter() - start

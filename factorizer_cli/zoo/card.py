@@ -87,6 +87,14 @@ class Normalization:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    def describe(self) -> str:
+        """For people, on a few words (``factorizer models info``)."""
+        if self.kind == "zscore_nonzero":
+            return "z-score over nonzero voxels"
+        if self.kind == "fixed":
+            return f"(x − {self.mean:g}) / {self.std:g}"
+        return f"{'window' if self.kind == 'window' else 'percentiles'} {self.low:g}..{self.high:g} → 0..1"
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -134,6 +142,20 @@ class Preprocessing:
             normalization=Normalization(**block.get("normalization", {})),
             slice_context=block.get("slice_context"),
         )
+
+    def describe(self) -> str:
+        """The steps on one line, for people (``factorizer models info``)."""
+        spacing = ("native spacing" if all(s is None for s in self.spacing) else
+                   "spacing " + " × ".join("native" if s is None else f"{s:g}" for s in self.spacing) + " mm")
+        parts = [
+            "RAS" if self.orientation == "RAS" else "stored axes",
+            spacing,
+            "no crop" if self.crop_margin_mm is None else f"crop to foreground + {self.crop_margin_mm:g} mm",
+            self.normalization.describe(),
+        ]
+        if self.slice_context is not None:
+            parts.append(f"2D slices with {self.slice_context} neighbours each side")
+        return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
