@@ -94,3 +94,16 @@ def test_busy_processes_end_with_the_block_and_with_a_killed_benchmark():
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in pids), "busy processes outlived a SIGKILLed benchmark"
+
+
+@pytest.mark.slow
+def test_repuxnet_benchmark_runs_at_a_tiny_size(tmp_path):
+    """Our side only (upstream checkouts are not here): the published networks at 32³, one forward."""
+    out = tmp_path / "repuxnet.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "repuxnet.py"), "--size", "32", "--rounds", "1", "--repeats", "1",
+         "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["network"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"repuxnet", "uxnet"}
+    assert all(row["ours_s"] > 0 and row["ours_peak_mib"] > 0 for row in rows.values())

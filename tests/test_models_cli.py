@@ -4,9 +4,11 @@ import hashlib
 import json
 
 import pytest
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
+from factorizer_cli.zoo.registry import zoo_names
 
 from .oracle import oracle_card, phantom, write_case
 from .test_zoo_downloads import _package_files
@@ -35,6 +37,29 @@ def test_tables_fit_an_80_column_terminal(args):
         assert demo.split()[-2:] == ["1/1", "yes"]  # bundled in the package, hash in the card
     else:
         assert "dwi, adc, flair" in result.output and "2 × 2 × 2 mm" in result.output
+
+
+def _within_80_columns(args: list[str]) -> list[str]:
+    """The command's lines at COLUMNS=80, each checked to take at most 80 terminal cells."""
+    result = runner.invoke(app, args, env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    wide = [line for line in lines if cell_len(line.rstrip()) > 80]
+    assert not wide, f"{' '.join(args)}: {len(wide)} line(s) wider than 80 columns:\n" + "\n".join(wide)
+    return lines
+
+
+def test_models_list_shows_every_zoo_card_within_80_columns():
+    lines = _within_80_columns(["models", "list"])
+    listed = {line.split()[0] for line in lines[1:] if line[:1].strip()}  # continuation lines start blank
+    assert listed == set(zoo_names())
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_models_info_of_every_zoo_card_fits_80_columns(name):
+    lines = _within_80_columns(["models", "info", name])
+    assert lines[0].startswith(f"{name}: ")
+    assert any(line.startswith("network ") for line in lines) and any(line.startswith("fold 0 ") for line in lines)
 
 
 def test_unknown_model_names_the_known_ones():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -14,16 +15,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
-from factorizer_cli.errors import ConfigError, DeviceError
-from factorizer_cli.export import ExportOptions, cached_onnx, export_onnx
-from factorizer_cli.export.exporter import verification_inputs
+from factorizer_cli.errors import ConfigError, DeviceError, ExportError
+from factorizer_cli.export import ExportOptions, cached_onnx, export_onnx, verify_model
+from factorizer_cli.export.exporter import TOLERANCE_FP32, compare, verification_inputs
 from factorizer_cli.families import build, full_resolution_logits
 from factorizer_cli.nn.export_graph import ExportGraph
 from factorizer_cli.pipeline.predictors import OnnxPredictor, select_providers
 from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
 from factorizer_cli.zoo import load_upstream
 from factorizer_cli.zoo.card import ModelCard
-from factorizer_cli.zoo.onnx_file import open_onnx
+from factorizer_cli.zoo.onnx_file import META_VERIFICATION, open_onnx
 from factorizer_cli.zoo.package import save_package
 from factorizer_cli.zoo.registry import zoo_names
 
@@ -104,8 +105,61 @@ def test_export_writes_a_checked_self_describing_graph(tiny_onnx, tiny_package):
     assert result.size_bytes == path.stat().st_size and result.seconds > 0
     assert set(result.max_abs_diff) == {"random", "realistic"}
     assert max(result.max_abs_diff.values()) <= 1e-4
+    assert json.loads(meta[META_VERIFICATION]) == {k: a.to_dict() for k, a in result.verification.items()}
+    assert all(a.labels_agree >= 0.999 for a in result.verification.values())
     opened = open_onnx(path)
     assert opened.card.name == "tiny" and opened.output == "logits" and opened.knob_values("nmf_iters") == [5]
+
+
+# --- the verification rule ------------------------------------------------------------------------
+
+def _card(activation: str) -> ModelCard:
+    return ModelCard.from_dict({**oracle_card().to_dict(), "activation": activation})
+
+
+def test_rule_allows_rounding_relative_to_the_output_scale_not_a_wrong_output():
+    """Differences are judged against the largest |logit|: rounding of large logits passes, an error of a
+    hundredth of their scale does not, whatever the label agreement."""
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.standard_normal((1, 3, 8, 8, 8)).astype(np.float32)) * 10
+    scale = float(logits.abs().max())
+    noise = torch.from_numpy(rng.uniform(-1, 1, logits.shape)).float()
+    rounding = logits + TOLERANCE_FP32.rtol * scale / 2 * noise
+    for activation in ("sigmoid", "softmax"):
+        card = _card(activation)
+        same = compare(logits, rounding, card, "logits", TOLERANCE_FP32)
+        assert same.max_abs_diff > TOLERANCE_FP32.atol  # a fixed 1e-4 would refuse it
+        assert same.max_abs_diff <= same.allowed == pytest.approx(TOLERANCE_FP32.atol + TOLERANCE_FP32.rtol * scale)
+        wrong = logits.clone()
+        wrong[0, 0, 0, 0, 0] += scale / 100
+        assert compare(logits, wrong, card, "logits", TOLERANCE_FP32).max_abs_diff > same.allowed
+    nan = logits.clone()
+    nan[0, 1, 2, 3, 4] = float("nan")
+    assert not compare(logits, nan, _card("softmax"), "logits", TOLERANCE_FP32).max_abs_diff <= scale
+
+
+def test_rule_counts_voxels_whose_label_decision_changes():
+    """Softmax: the winning class; sigmoid: every output's probability above the card's threshold."""
+    logits = torch.zeros(1, 3, 10, 10, 10)
+    logits[:, 1] = 1.0  # class 1 wins everywhere; every sigmoid output is above 0.5 in channel 1 only
+    flipped = logits.clone()
+    flipped[0, 2, 0, 0, :2] = 2.0  # two voxels: class 2 wins, channel 2 crosses the threshold
+    for activation in ("softmax", "sigmoid"):
+        agreement = compare(logits, flipped, _card(activation), "logits", TOLERANCE_FP32)
+        assert agreement.labels_agree == pytest.approx(1 - 2 / 1000)
+    below = logits.clone()
+    below[0, 0, 0, 0, :3] = -0.5  # lower, but still below the threshold (sigmoid) and losing (softmax)
+    for activation in ("softmax", "sigmoid"):
+        assert compare(logits, below, _card(activation), "logits", TOLERANCE_FP32).labels_agree == 1.0
+    probabilities = torch.sigmoid(logits)
+    assert compare(probabilities, torch.sigmoid(flipped), _card("sigmoid"), "probabilities",
+                   TOLERANCE_FP32).labels_agree == pytest.approx(1 - 2 / 1000)
+
+
+def test_verification_refuses_a_graph_of_another_network(tiny_onnx):
+    path, _ = tiny_onnx
+    with pytest.raises(ExportError, match=r"disagree on the random verification input.*labels agree on"):
+        verify_model(path, [seeded(tiny(), seed=1)], tiny_card(), "logits")
 
 
 @pytest.mark.parametrize("name", ["mu", pytest.param("rank2-hals", marks=pytest.mark.slow), "factmixer"])
@@ -209,6 +263,9 @@ def test_export_cli_reports_difference_size_and_time(tmp_path):
     result = runner.invoke(app, ["export-onnx", str(model.root), "-o", str(tmp_path / "o.onnx")])
     assert result.exit_code == 0, result.output
     assert "largest |ONNX Runtime - PyTorch|: random input" in result.output
+    text = " ".join(result.output.split())
+    assert re.search(r"random input \S+ \(allowed \S+\), realistic input", text), text
+    assert re.search(r"labels agree on random \d+\.\d{3}%, realistic \d+\.\d{3}% of voxels", text), text
     assert "MiB" in result.output and "exported in" in result.output
     assert open_onnx(tmp_path / "o.onnx").card.name == "oracle"
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
 from factorizer_cli.pipeline.segment import Segmenter
-from factorizer_cli.train.data import find_training_cases, load_case, region_labels
+from factorizer_cli.train.data import find_training_cases, load_case, region_labels, targets_of
 from factorizer_cli.train.state import STATE_FILE
 from factorizer_cli.zoo.card import ModelCard
 from factorizer_cli.zoo.package import open_package
@@ -50,6 +50,12 @@ def tiny_card(path: Path) -> Path:
     return path
 
 
+def with_spacing(card: ModelCard, spacing: float) -> ModelCard:
+    """``card`` resampling to ``spacing`` mm (the preprocessing block wins over a top-level spacing)."""
+    data = card.to_dict()
+    return ModelCard.from_dict({**data, "preprocessing": {**data["preprocessing"], "spacing": [spacing] * 3}})
+
+
 def write_dataset(root: Path, cases: int = 4, codes: str = "RAS") -> Path:
     for i in range(cases):
         images, labels = phantom((24, 26, 22), seed=i)
@@ -70,10 +76,12 @@ def test_regions_of_a_brats_card_include_the_brats2021_label():
 def test_targets_land_on_the_inference_grid(tmp_path, codes, spacing):
     """The oracle phantom's FLAIR is bright exactly on WT: after preprocessing both must coincide."""
     card = ModelCard.load(tiny_card(tmp_path / "card.json"))
-    card = ModelCard.from_dict({**card.to_dict(), "spacing": [spacing] * 3})
+    card = with_spacing(card, spacing)
     name, files, label = find_training_cases(write_dataset(tmp_path / "data", 1, codes), card)[0]
-    case = load_case(name, files, label, card, region_labels(card))
+    case = load_case(name, files, label, card, targets_of(card))
     assert case.image.shape[1:] == case.target.shape[1:]
+    if spacing != 1.0:
+        assert case.image.shape[1] < 20  # resampled: 1.5 mm voxels of a cropped 24 mm side
     wt, flair = case.target[0], case.image[3]
     if spacing == 1.0:  # same voxels: bright exactly where the label says
         assert wt.any() and flair[wt].min() > flair[~wt].max()

@@ -78,9 +78,12 @@ def train(
 ) -> None:
     """Train a model card's network on a labelled dataset folder.
 
-    Random ROI crops (a share centred on the tumour), mirror and intensity augmentation, Dice + BCE
-    over the deep-supervision heads, AdamW with warm-up and cosine decay, validation Dice per region.
-    The best and the last networks are model packages (`--model RUN/best`); the run resumes after a
+    Random ROI crops (a share centred on the tumour), mirror and intensity augmentation, AdamW with
+    warm-up and cosine decay. Sigmoid region cards: Dice + BCE over the deep-supervision heads,
+    validation Dice per region; softmax class cards (3D UX-Net, RepUX-Net): Dice + cross-entropy,
+    validation Dice per class but the background. The best and the last networks are model packages
+    (`--model RUN/best`), in their inference form (a RepUX-Net trained with BFR is saved
+    reparameterised, `"deploy": true`); the run resumes after a
     crash from its last saved state (`--resume`) and ends exactly where it would have (on the CPU; on
     a GPU up to the nondeterminism of its kernels). Every case is held in memory on the model's grid.
     """

@@ -1,7 +1,9 @@
 """The 3D UX-Net / RepUX-Net family (MASILab/3DUX-Net, MASILab/RepUX-Net): large-kernel 3D CNNs.
 
 Registers ``UXNET`` and ``REPUXNET`` (upstream's class and argument names), upstream's checkpoint
-format, and the inference form. No knobs, no component maps.
+format, and the inference form (``nn.uxnet_inference``: BFR and BatchNorm folded, FFT for large
+kernels where it pays, channels-last, in-place norms; exported as plain convolutions). No knobs, no
+component maps.
 
 Upstream checkpoint format: ``best_metric_model.pth``, ``torch.save(model.state_dict())``: a plain
 mapping of upstream's keys to tensors, no prefix. RepUX-Net checkpoints hold the *effective* depthwise
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..nn.uxnet import REPUXNET, UXNET, BFRConv3d
+from ..nn.uxnet_inference import fuse_for_inference
 from .registry import Family, UpstreamFormat, register
 
 _PREFIXES = {UXNET: "uxnet_3d.", REPUXNET: "repuxnet_3d."}
@@ -48,17 +51,10 @@ def _state_dict(checkpoint: Mapping[str, torch.Tensor], model: nn.Module) -> dic
     return state_dict
 
 
-def _inference_form(network: nn.Module) -> nn.Module:
-    """A training-form RepUX-Net reparameterised in place; any other network unchanged."""
-    if isinstance(network, REPUXNET) and not network.deploy:
-        return network.reparameterize()
-    return network
-
-
 FAMILY = register(Family(
     name="uxnet",
     title="3D UX-Net / RepUX-Net",
     classes={"UXNET": UXNET, "REPUXNET": REPUXNET},
     upstream=(UpstreamFormat("state-dict (best_metric_model.pth)", _is_state_dict, _state_dict),),
-    prepare=_inference_form,
+    prepare=fuse_for_inference,
 ))

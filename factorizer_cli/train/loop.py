@@ -1,4 +1,9 @@
-"""The training loop: crops → network → Dice+BCE → AdamW, validated and checkpointed as it goes.
+"""The training loop: crops → network → loss → AdamW, validated and checkpointed as it goes.
+
+The loss follows the card's activation: Dice + BCE for sigmoid regions, Dice + cross-entropy for
+softmax classes (as 3D UX-Net and RepUX-Net train). Validation scores the regions, or the classes but
+the background. Packages hold the network's inference form (``inference_form``: a RepUX-Net trained
+with BFR is saved folded); the resumable state holds the training form.
 
 Every step draws its crops and augmentations from ``default_rng([seed, step])`` and seeds torch the
 same way, so a run resumed from its saved state repeats exactly the steps an uninterrupted run would
@@ -20,12 +25,21 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..families import build, full_resolution_logits
+from ..families import activate, build, full_resolution_logits
 from ..io.atomic import write_text_atomic
 from ..pipeline.sliding_window import sliding_window_inference
 from ..zoo.card import ModelCard
 from ..zoo.package import save_package
-from .data import TrainingCase, augment, find_training_cases, load_case, region_labels, sample_batch
+from .data import (
+    Targets,
+    TrainingCase,
+    augment,
+    find_training_cases,
+    load_case,
+    sample_batch,
+    targets_of,
+)
+from .inference_form import inference_form
 from .loss import deep_supervision_loss
 from .state import STATE_FILE, RunState, load_state, save_state, saved_settings
 
@@ -48,7 +62,7 @@ class TrainConfig:
 class TrainResult:
     steps: int
     best_dice: float
-    validation: dict[str, float]  # the last validation's Dice per region
+    validation: dict[str, float]  # the last validation's Dice per region (softmax: per foreground class)
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -65,24 +79,33 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def validate(network: torch.nn.Module, cases: list[TrainingCase], card: ModelCard) -> dict[str, float]:
-    """Mean Dice per region over the validation cases, on the model's grid (whole volumes)."""
+def validate(network: torch.nn.Module, cases: list[TrainingCase], card: ModelCard,
+             targets: Targets | None = None) -> dict[str, float]:
+    """Mean Dice per region (sigmoid) or per class but the background (softmax, argmax), over the
+    validation cases, on the model's grid (whole volumes)."""
+    targets = targets or targets_of(card)
     network.eval()
-    scores = np.zeros(len(card.outputs))
+    scored = [c for c in range(len(card.outputs)) if c != targets.background]
+    scores = np.zeros(len(scored))
     device = next(network.parameters()).device
     with torch.inference_mode():
         for case in cases:
             probabilities = sliding_window_inference(
                 torch.from_numpy(case.image), card.roi,
-                lambda x: torch.sigmoid(full_resolution_logits(network, x)), overlap=card.overlap,
+                lambda x: activate(full_resolution_logits(network, x), card.activation), overlap=card.overlap,
                 window_device=device, output_device="cpu")
-            predicted = probabilities.numpy() > card.threshold
-            for r in range(len(card.outputs)):
-                total = predicted[r].sum() + case.target[r].sum()
-                both = np.logical_and(predicted[r], case.target[r]).sum()
-                scores[r] += 1.0 if total == 0 else 2 * both / total
+            if targets.background is None:
+                above = probabilities.numpy() > card.threshold
+                masks = ((above[c], case.target[c]) for c in scored)
+            else:
+                winner = probabilities.argmax(0).numpy()
+                masks = ((winner == c, case.target[0] == c) for c in scored)
+            for i, (predicted, truth) in enumerate(masks):
+                total = predicted.sum() + truth.sum()
+                both = np.logical_and(predicted, truth).sum()
+                scores[i] += 1.0 if total == 0 else 2 * both / total
     network.train()
-    return {name: round(float(s / len(cases)), 4) for name, s in zip(card.outputs, scores)}
+    return {name: round(float(s / len(cases)), 4) for name, s in zip(targets.scored, scores)}
 
 
 def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: TrainConfig = TrainConfig(),
@@ -101,14 +124,14 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
                           "or choose another output folder")
     if resume:
         config = TrainConfig(**saved_settings(out))  # the same split, steps and schedule as before
-    regions = region_labels(card)
+    targets = targets_of(card)
     found = find_training_cases(data_dir, card)
     if len(found) <= config.validation_cases:
         raise ConfigError(f"{data_dir}: {len(found)} cases, but {config.validation_cases} are held out for "
                           "validation; add cases or lower --validation-cases")
     cases = []
     for i, (name, files, label) in enumerate(found):
-        cases.append(load_case(name, files, label, card, regions))
+        cases.append(load_case(name, files, label, card, targets))
         if case_progress is not None:
             case_progress(i + 1, len(found))
     held_out = cases[len(cases) - config.validation_cases:] if config.validation_cases else []
@@ -134,7 +157,12 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
         rate = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        loss = deep_supervision_loss(network(image.to(device)), target.to(device))
+        heads = network(image.to(device))
+        channels = (heads if isinstance(heads, torch.Tensor) else heads[0]).shape[1]
+        if channels != len(card.outputs):
+            raise ConfigError(f"model card {card.name!r}: the network gives {channels} output channels, the "
+                              f"card names {len(card.outputs)} outputs; make them agree")
+        loss = deep_supervision_loss(heads, target.to(device), card.activation)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -144,7 +172,7 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
                      "seconds": round(elapsed_before + time.perf_counter() - start, 1)}
         validating = bool(held_out) and (run.step % config.validate_every == 0 or run.step == config.steps)
         if validating:
-            validation = validate(network, held_out, card)
+            validation = validate(network, held_out, card, targets)
             row["validation"] = validation
         run.history.append(row)
         if validating and float(np.mean(list(validation.values()))) > run.best_dice:
@@ -155,7 +183,7 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
             if not held_out:  # nothing to choose by: the best is the latest
                 _save_model(out / "best", network, card, run, validation)
             save_state(out, network, optimizer, run)
-            _write_log(out, run.history, card.outputs)
+            _write_log(out, run.history, targets.scored)
         if progress is not None:
             progress(run.step, config.steps, loss_value, validation if validating else None)
     seconds = run.history[-1]["seconds"] if run.history else 0.0
@@ -164,14 +192,16 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
 
 def _save_model(folder: Path, network: torch.nn.Module, card: ModelCard, run: RunState,
                 validation: dict[str, float]) -> None:
+    """A model package of ``network`` in its inference form, the card describing that form."""
     metrics: dict = {"training_step": run.step}  # not the template card's figures: they were not ours
     if validation:
         metrics["validation_dice"] = validation
     provenance = f"factorizer train, settings {json.dumps(run.settings, sort_keys=True)}"
+    weights, architecture = inference_form(network, card.architecture)
     trained = ModelCard.from_dict({**card.to_dict(), "metrics": metrics, "provenance": provenance,
                                    "description": f"Trained by factorizer train from card {card.name!r}.",
-                                   "weights": []})
-    save_package(folder, trained, [network.state_dict()])
+                                   "architecture": architecture, "weights": []})
+    save_package(folder, trained, [weights])
 
 
 def _write_log(out: Path, history: list[dict], outputs) -> None:

@@ -2,8 +2,9 @@
 
 One module for the format, imported by the exporter (which writes it) and by the ONNX Runtime
 predictor (which reads it), so neither imports the other. A file carries its model card
-(``factorizer.card``), whether its output is logits or averaged probabilities, and the values of its
-family's inference knobs it was exported with (``factorizer.<knob>``, e.g. ``factorizer.nmf_iters``).
+(``factorizer.card``), whether its output is logits or averaged probabilities, the values of its
+family's inference knobs it was exported with (``factorizer.<knob>``, e.g. ``factorizer.nmf_iters``),
+and, if it was verified, how closely ONNX Runtime matched PyTorch (``factorizer.verification``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "image"
 META_CARD, META_OUTPUT, META_FORMAT = "factorizer.card", "factorizer.output", "factorizer.format"
 META_FOLDS, META_SOURCE, META_EXPORTED_BY = "factorizer.folds", "factorizer.source_sha256", "factorizer.exported_by"
+META_VERIFICATION = "factorizer.verification"  # per verification input: max_abs_diff, allowed, labels_agree
 KNOB_PREFIX = "factorizer."  # + a family knob's name: its values in the graph, e.g. factorizer.nmf_iters
 
 

@@ -1,0 +1,243 @@
+"""The inference form of 3D UX-Net and RepUX-Net: the same function, computed faster in less memory.
+
+Measured on a 2-core AVX-512 CPU (``benchmarks/repuxnet.py``), most of the time goes to the
+decoder's dense 3³ convs at full resolution and to the full-size maps between them, so:
+
+- the whole network runs channels-last (``N × D × H × W × C`` in memory): oneDNN's convs then skip
+  the reorders into and out of their own layout (25-30% faster each, and two fewer map-sized buffers),
+  and the channel layer norms become plain ``layer_norm`` over the last axis;
+- instance norm, leaky ReLU and residual adds work in place on the conv's output (a map-sized
+  buffer each fewer, in time and in peak memory); the statistics are exact pairwise sums;
+- the decoder's skip concatenation is never built: a conv of ``[up, skip]`` is the sum of two convs;
+- RepUX-Net's BatchNorm is folded into its depthwise kernel, and large kernels go through
+  ``LargeKernelDepthwise`` (trimmed, FFT where it pays).
+
+Inference only (no autograd): ``fuse_for_inference`` swaps the modules of a trained network in place.
+Under ONNX export every block computes the textbook way, whose operators exporters know.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .large_kernel import LargeKernelDepthwise, fold_batch_norm
+from .uxnet import REPUXNET, UXNET, ChannelNorm, ConvBlock, RepUXBlock, UpBlock, UXBlock
+
+__all__ = ["fuse_for_inference"]
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def _moments(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance of each column of an ``n × C`` matrix, in float32, in one pass.
+
+    A few MB of rows at a time, so that each chunk's squares stay in the cache (squaring the whole
+    map would write and read back a map-sized buffer); sums of deviations from the first rows' mean,
+    so that a channel whose mean is far larger than its spread loses no precision.
+    """
+    n = values.shape[0]
+    shift = values[:4096].float().mean(0)
+    first, second = torch.zeros_like(shift), torch.zeros_like(shift)
+    for chunk in values.split(max(1, 2**21 // values.shape[1])):
+        deviation = chunk.float() - shift
+        first += deviation.sum(0)
+        second += deviation.square_().sum(0)
+    offset = first / n
+    return shift + offset, second / n - offset.square()
+
+
+def _instance_norm_(y: Tensor, eps: float = 1e-5) -> Tensor:
+    """Instance norm (no affine) of a ``1 × C × *spatial`` map in place; its statistics in float32."""
+    if y.shape[0] != 1 or not y.is_contiguous(memory_format=CHANNELS_LAST):
+        return y.copy_(F.instance_norm(y, eps=eps))
+    values = y.permute(0, 2, 3, 4, 1).reshape(-1, y.shape[1])  # a view: channels are the last axis
+    mean, variance = _moments(values)
+    scale = variance.clamp_(min=0).add_(eps).rsqrt_()
+    torch.addcmul((-mean * scale).to(values.dtype), values, scale.to(values.dtype), out=values)
+    return y
+
+
+def _conv(conv: nn.Conv3d, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``conv(x)`` (with another weight or bias if given), channels-last even from one input channel.
+
+    From a single input channel PyTorch leaves oneDNN for a slow reference kernel with an NCDHW
+    output; such a conv is a product of the k³ neighbourhoods (k³ columns) with the kernels, whose
+    result is already channels-last.
+    """
+    weight = conv.weight if weight is None else weight
+    if x.shape[1] != 1 or weight.shape[1] != 1 or conv.stride != (1, 1, 1) or x.shape[0] != 1:
+        return F.conv3d(x, weight, bias, conv.stride, conv.padding)
+    kernel, padding = weight.shape[2:], conv.padding
+    padded = F.pad(x[0, 0], [p for p in reversed(padding) for _ in range(2)])
+    windows = padded.unfold(0, kernel[0], 1).unfold(1, kernel[1], 1).unfold(2, kernel[2], 1)
+    spatial = windows.shape[:3]
+    columns = windows.reshape(-1, weight[0].numel())  # one copy: voxels × k³
+    y = columns @ weight.reshape(weight.shape[0], -1).t()
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(1, *spatial, weight.shape[0]).permute(0, 4, 1, 2, 3)
+
+
+def _split_conv(conv: nn.Conv3d, parts: tuple[Tensor, Tensor]) -> Tensor:
+    """``conv(cat(parts, dim=1))`` without the concatenation: one conv per part, summed in place."""
+    width = parts[0].shape[1]
+    y = _conv(conv, parts[0], conv.weight[:, :width], conv.bias)
+    return y.add_(_conv(conv, parts[1], conv.weight[:, width:]))
+
+
+class InferenceConvBlock(nn.Module):
+    """``ConvBlock`` (MONAI's UnetResBlock / UnetBasicBlock) in place; takes one map or a skip pair."""
+
+    def __init__(self, block: ConvBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        block = self.block
+        conv1, conv2 = block.conv1.conv, block.conv2.conv
+        conv3 = None if block.conv3 is None else block.conv3.conv
+        if _exporting():
+            return block(torch.cat(x, dim=1) if isinstance(x, tuple) else x)
+        y = _split_conv(conv1, x) if isinstance(x, tuple) else _conv(conv1, x, bias=conv1.bias)
+        y = F.leaky_relu_(_instance_norm_(y), 0.01)
+        y = _instance_norm_(_conv(conv2, y, bias=conv2.bias))
+        if block.residual:
+            if conv3 is not None:
+                y.add_(_instance_norm_(_split_conv(conv3, x) if isinstance(x, tuple)
+                                       else _conv(conv3, x, bias=conv3.bias)))
+            else:
+                y.add_(torch.cat(x, dim=1) if isinstance(x, tuple) else x)
+        return F.leaky_relu_(y, 0.01)
+
+
+def _parity_kernels(conv: Tensor, transposed: Tensor) -> Tensor:
+    """One 2³ kernel per output parity for ``conv3³ ∘ transposed-conv2³/2``, stacked on the outputs.
+
+    Fine voxel ``p = 2q + π`` of the conv (padding 1) of the upsampled map reads upsampled voxels
+    ``p - 1 .. p + 1``, i.e. coarse voxels ``q + π - 1 .. q + π`` per axis (two, not three): a 2³
+    conv over the coarse map padded by 1, whose output ``j = q + π`` is fine voxel ``2q + π``.
+    ``conv``: ``O × M × 3³``; ``transposed``: ``C × M × 2³`` → ``8·O × C × 2³`` (parities in
+    ``(πd, πh, πw)`` order).
+    """
+    out_channels, in_channels = conv.shape[0], transposed.shape[0]
+    kernels = conv.new_zeros(2, 2, 2, out_channels, in_channels, 2, 2, 2)
+    for parity in torch.cartesian_prod(*[torch.arange(2)] * 3).tolist():
+        for tap in torch.cartesian_prod(*[torch.arange(3)] * 3).tolist():
+            shifted = [p + t - 1 for p, t in zip(parity, tap, strict=True)]  # upsampled offset from 2q
+            sub = tuple(m % 2 for m in shifted)  # which output of the transposed conv
+            coarse = tuple(m // 2 - p + 1 for m, p in zip(shifted, parity, strict=True))  # 0 or 1
+            kernels[(*parity, slice(None), slice(None), *coarse)] += \
+                conv[(slice(None), slice(None), *tap)] @ transposed[(slice(None), slice(None), *sub)].t()
+    return kernels.reshape(8 * out_channels, in_channels, 2, 2, 2)
+
+
+class InferenceUpBlock(nn.Module):
+    """``UpBlock`` without its upsampled map: the transposed conv folded into the convs that read it.
+
+    The first conv of the block reads ``cat(up(x), skip)``; its part on ``up(x)`` becomes one 2³ conv
+    per output parity on ``x`` itself (``_parity_kernels``: about 60% of the multiply-adds at twice the
+    resolution), added into the strided parities of the skip part; the residual 1×1 conv's part on
+    ``up(x)`` becomes a transposed conv of ``x``. Exact up to float32 summation order.
+    """
+
+    def __init__(self, block: UpBlock) -> None:
+        super().__init__()
+        self.block = block
+        inner = block.conv_block
+        transposed = block.transp_conv.conv.weight  # C × M × 2³, no bias
+        width = transposed.shape[1]
+        conv1 = inner.conv1.conv
+        self.register_buffer("parity_kernels", _parity_kernels(conv1.weight[:, :width], transposed))
+        self.register_buffer("skip_kernel", conv1.weight[:, width:].clone())
+        self.register_buffer("conv1_bias", None if conv1.bias is None else conv1.bias.clone())
+        self.conv2 = inner.conv2.conv
+        if inner.conv3 is None or not inner.residual:
+            raise ValueError("an UpBlock's conv block concatenates two maps: it has a residual 1×1 conv")
+        conv3 = inner.conv3.conv
+        residual = conv3.weight[:, :width, 0, 0, 0]  # O × M
+        self.register_buffer("residual_transposed",
+                             torch.einsum("om,cmdhw->codhw", residual, transposed).contiguous())
+        self.register_buffer("residual_skip", conv3.weight[:, width:].clone())
+        self.register_buffer("conv3_bias", None if conv3.bias is None else conv3.bias.clone())
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        if _exporting():
+            return self.block(x, skip)
+        y = F.conv3d(skip, self.skip_kernel, self.conv1_bias, padding=1)
+        n, width = x.shape[2:], y.shape[1]
+        # one parity at a time: an eighth of the fine map in flight, not all eight
+        for index, (a, b, c) in enumerate(torch.cartesian_prod(*[torch.arange(2)] * 3).tolist()):
+            parity = F.conv3d(x, self.parity_kernels[index * width:(index + 1) * width], padding=1)
+            y[:, :, a::2, b::2, c::2].add_(parity[:, :, a:a + n[0], b:b + n[1], c:c + n[2]])
+        y = F.leaky_relu_(_instance_norm_(y), 0.01)
+        y = _instance_norm_(self.conv2(y))
+        residual = F.conv3d(skip, self.residual_skip, self.conv3_bias)
+        for a, b, c in torch.cartesian_prod(*[torch.arange(2)] * 3).tolist():  # the transposed conv, by parity
+            weight = self.residual_transposed[:, :, a, b, c].t()[..., None, None, None]
+            residual[:, :, a::2, b::2, c::2].add_(F.conv3d(x, weight.contiguous(memory_format=CHANNELS_LAST)))
+        y.add_(_instance_norm_(residual))
+        return F.leaky_relu_(y, 0.01)
+
+
+class _ChannelsLast(nn.Module):
+    """Runs ``network`` on a channels-last copy of its input and returns a contiguous output."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network.to(memory_format=CHANNELS_LAST)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _exporting():
+            return self.network(x)
+        return self.network(x.contiguous(memory_format=CHANNELS_LAST)).contiguous()
+
+
+def _channel_norm(norm: ChannelNorm, x: Tensor) -> Tensor:
+    """``ChannelNorm`` of a channels-last map: a layer norm over the last axis of a free view."""
+    if _exporting() or not x.is_contiguous(memory_format=CHANNELS_LAST):
+        return ChannelNorm.forward(norm, x)
+    y = F.layer_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
+    return y.permute(0, 4, 1, 2, 3)
+
+
+class _LastAxisChannelNorm(ChannelNorm):
+    forward = _channel_norm
+
+
+def _swap_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, UpBlock):
+            setattr(module, name, InferenceUpBlock(child))
+        elif isinstance(child, ConvBlock):
+            setattr(module, name, InferenceConvBlock(child))
+        elif type(child) is ChannelNorm:
+            child.__class__ = _LastAxisChannelNorm
+        elif isinstance(child, RepUXBlock):
+            child.reparameterize()
+            child.dwconv = LargeKernelDepthwise(*fold_batch_norm(child.dwconv.weight, child.dwconv.bias,
+                                                                 child.norm))
+            child.norm = nn.Identity()
+        elif isinstance(child, UXBlock):
+            child.dwconv = LargeKernelDepthwise(child.dwconv.weight, child.dwconv.bias)
+        else:
+            _swap_children(child)
+
+
+def fuse_for_inference(network: UXNET | REPUXNET) -> nn.Module:
+    """The inference form of a trained UX-Net or RepUX-Net (its modules swapped in place), in eval mode.
+
+    Its state dict is not upstream's (norms folded, blocks wrapped): save the network before, never
+    this form. Its forward computes the same function (to float32 rounding: FFT and summation order).
+    """
+    network.eval()
+    if isinstance(network, REPUXNET):
+        network.reparameterize()
+    with torch.no_grad():
+        _swap_children(network)
+    return _ChannelsLast(network).eval()

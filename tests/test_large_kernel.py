@@ -1,0 +1,112 @@
+"""The inference form of the large-kernel CNNs computes the same function as the textbook modules.
+
+``LargeKernelDepthwise`` (trimmed kernels, the FFT path), BatchNorm folding, and the in-place,
+channels-last pieces of ``nn.uxnet_inference``, each against the plain PyTorch operation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from factorizer_cli.nn.large_kernel import (
+    LargeKernelDepthwise,
+    fft_pays,
+    fold_batch_norm,
+    trimmed_kernel,
+)
+from factorizer_cli.nn.uxnet_inference import CHANNELS_LAST, _conv, _instance_norm_, _moments
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.conv3d(x, weight, bias, padding=[k // 2 for k in weight.shape[2:]], groups=weight.shape[0])
+
+
+def test_zero_shells_are_trimmed_and_the_conv_is_unchanged():
+    weight = torch.zeros(3, 1, 21, 21, 21)
+    weight[..., 10, 10, 10] = torch.tensor([1.0, -2.0, 0.5]).reshape(3, 1)
+    assert trimmed_kernel(weight).shape[2:] == (1, 1, 1)  # an upstream-trained kernel: its centre
+    weight[0, 0, 8, 10, 12] = 0.3  # reaches two taps out along the first and third axes
+    assert trimmed_kernel(weight).shape[2:] == (5, 1, 5)
+    x = torch.randn(1, 3, 12, 14, 16, generator=_generator())
+    assert torch.allclose(LargeKernelDepthwise(weight, None)(x), _direct(x, weight, None), atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial", [(24, 24, 24), (26, 30, 22), (6, 6, 6), (12, 30, 5)])
+def test_large_kernels_agree_with_the_direct_conv_at_every_map_size(spatial):
+    g = _generator(1)
+    weight, bias = torch.randn(4, 1, 21, 21, 21, generator=g) * 0.01, torch.randn(4, generator=g)
+    x = torch.randn(2, 4, *spatial, generator=g)
+    layer = LargeKernelDepthwise(weight, bias)
+    expected = _direct(x, weight, bias)
+    got = layer(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    # channels-last in, channels-last out (the FFT path writes into the input's layout)
+    cl = layer(x.contiguous(memory_format=CHANNELS_LAST))
+    assert cl.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(cl, got, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fft_is_taken_only_where_it_pays_and_bf16_comes_back_as_bf16():
+    assert fft_pays((48, 48, 48), (21, 21, 21)) and fft_pays((24, 24, 24), (21, 21, 21))
+    assert not fft_pays((12, 12, 12), (21, 21, 21)) and not fft_pays((48, 48, 48), (7, 7, 7))
+    layer = LargeKernelDepthwise(torch.randn(2, 1, 11, 11, 11) * 0.05, torch.zeros(2))
+    x = torch.randn(1, 2, 16, 16, 16, generator=_generator(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=3e-2, atol=3e-2)
+
+
+def test_a_folded_batch_norm_is_the_conv_then_the_norm():
+    g = _generator(3)
+    conv = nn.Conv3d(5, 5, 3, padding=1, groups=5)
+    norm = nn.BatchNorm3d(5).eval()
+    with torch.no_grad():
+        norm.running_mean.normal_(generator=g)
+        norm.running_var.uniform_(0.3, 3.0, generator=g)
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    x = torch.randn(1, 5, 9, 9, 9, generator=g)
+    with torch.no_grad():
+        expected = norm(conv(x))
+        weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+        torch.testing.assert_close(_direct(x, weight, bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_instance_norm_matches_pytorch_even_far_from_zero():
+    g = _generator(4)
+    # a channel whose mean is 100x its spread: the statistics must not cancel catastrophically
+    y = (torch.randn(1, 6, 20, 21, 22, generator=g) + 100 * torch.arange(6.0).reshape(1, 6, 1, 1, 1))
+    expected = F.instance_norm(y, eps=1e-5)
+    cl = y.contiguous(memory_format=CHANNELS_LAST)
+    assert _instance_norm_(cl) is cl
+    torch.testing.assert_close(cl, expected, rtol=1e-4, atol=1e-4)
+    plain = y.clone()  # not channels-last: the textbook path, still in place
+    assert _instance_norm_(plain) is plain
+    torch.testing.assert_close(plain, expected)
+
+
+def test_moments_cover_the_rows_beyond_the_last_chunk():
+    values = torch.randn(2**21 // 5 * 3 + 17, 5, generator=_generator(5), dtype=torch.float64) * 3 + 50
+    mean, variance = _moments(values.float())
+    torch.testing.assert_close(mean.double(), values.mean(0), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(variance.double(), values.var(0, correction=0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_convs_from_one_channel_stay_channels_last(kernel):
+    g = _generator(6)
+    conv = nn.Conv3d(1, 8, kernel, padding=kernel // 2)
+    x = torch.randn(1, 1, 10, 11, 12, generator=g)
+    with torch.no_grad():
+        y = _conv(conv, x, bias=conv.bias)
+        torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=CHANNELS_LAST)
