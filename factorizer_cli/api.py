@@ -49,6 +49,7 @@ from .train import TrainConfig, TrainResult
 from .train import train as _train
 from .zoo.card import ModelCard
 from .zoo.onnx_file import OnnxModel, is_onnx_path, open_onnx
+from .zoo.pack import pack_runs as _pack_runs
 from .zoo.package import ModelPackage
 from .zoo.registry import zoo_card, zoo_names
 from .zoo.resolve import convert, fetch_weights, load_card, resolve_model
@@ -243,10 +244,14 @@ def generate_phantoms(out_dir: PathLike, cases: int, seed: int = 0,
 
 def train(data_dir: PathLike, card: PathLike | ModelCard, out_dir: PathLike, config: TrainConfig = TrainConfig(),
           *, resume: bool = False, device: str = "auto", on_step: Callable | None = None,
-          on_case: Callable[[int, int], None] | None = None) -> TrainResult:
-    """Train ``card``'s network on a labelled dataset folder into ``out_dir`` (``train.train``)."""
+          on_case: Callable[[int, int], None] | None = None, workers: int = 0,
+          cache: PathLike | None = None) -> TrainResult:
+    """Train ``card``'s network on a labelled dataset folder into ``out_dir`` (``train.train``); cases are
+    preprocessed once into ``cache`` (default ``FACTORIZER_HOME/train-cache``), batches made by
+    ``workers`` DataLoader processes (0: this one)."""
     card = card if isinstance(card, ModelCard) else load_card(card)
-    return _train(data_dir, card, Path(out_dir), config, resume, resolve_device(device), on_step, on_case)
+    return _train(data_dir, card, Path(out_dir), config, resume, resolve_device(device), on_step, on_case,
+                  workers=workers, cache_dir=cache)
 
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, *, regions: str = "auto", csv: PathLike | None = None,
@@ -318,6 +323,11 @@ def import_checkpoints(checkpoints: Sequence[PathLike], card: PathLike | ModelCa
     """Upstream checkpoints (one per fold) converted into a model package at ``output``."""
     card = card if isinstance(card, ModelCard) else load_card(card)
     return convert(card, [Path(c) for c in checkpoints], Path(output))
+
+
+def pack_runs(runs: Sequence[PathLike], output: PathLike, which: str = "best") -> ModelPackage:
+    """Fold runs of ``train`` (their ``best/`` or ``last/`` packages) as one ensemble package."""
+    return _pack_runs([Path(r) for r in runs], Path(output), which)
 
 
 # ------------------------------------------------------------------------------------- environment

@@ -39,6 +39,12 @@ TINY_ARCHITECTURE = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path, monkeypatch):
+    """The training cache (``FACTORIZER_HOME/train-cache``) of each test in its own folder, never ~/.cache."""
+    monkeypatch.setenv("FACTORIZER_HOME", str(tmp_path / "home"))
+
+
 def tiny_card(path: Path) -> Path:
     card = {
         "name": "tiny", "task": "test", "inputs": BRATS_INPUTS, "spacing": [1.0, 1.0, 1.0], "roi": [16, 16, 16],

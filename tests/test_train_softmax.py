@@ -36,6 +36,13 @@ from factorizer_cli.zoo.package import open_package
 from tests.oracle import BRATS_INPUTS
 from tests.test_train import tiny_card, with_spacing, write_dataset
 
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path, monkeypatch):
+    """The training cache of each test in its own folder, never ~/.cache."""
+    monkeypatch.setenv("FACTORIZER_HOME", str(tmp_path / "home"))
+
+
 TINY_REPUXNET = {
     "class": "REPUXNET", "in_chans": 4, "out_chans": 4, "feat_size": [4, 8, 8, 16], "depths": [1, 1, 1, 1],
     "ks": 5, "a": 1, "hidden_size": 16, "deploy": False,

@@ -184,3 +184,26 @@ def import_checkpoints(
 
     package = convert(checkpoints, card, output)
     typer.echo(f"wrote {output} ({len(package.weight_files)} fold(s)): use it with --model {output}")
+
+
+@models_app.command()
+@friendly_errors
+def pack(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of factorizer train, one per fold.",
+                                               exists=True, file_okay=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the ensemble package to.")],
+    last: Annotated[bool, typer.Option("--last", help="Pack each run's last/ package instead of best/.")] = False,
+) -> None:
+    """Assemble cross-validation runs into one ensemble package; segment averages its folds.
+
+    The runs must train the same card (network, preprocessing, window, outputs); the package's card
+    records each fold's validation Dice and their mean.
+
+    Example: `factorizer models pack runs/fold0 runs/fold1 runs/fold2 runs/fold3 runs/fold4 -o brats-5fold/`
+    """
+    from ..api import pack_runs
+
+    package = pack_runs(runs, output, "last" if last else "best")
+    mean = package.card.metrics.get("mean_validation_dice")
+    summary = "; mean validation Dice " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()) if mean else ""
+    typer.echo(f"wrote {output} ({len(package.weight_files)} folds{summary}): use it with --model {output}")

@@ -23,6 +23,11 @@ Continue a run that was stopped or killed (same settings, same steps as an unint
     factorizer train data/phantoms --card demo -o runs/demo --resume
 
 Then segment with the best checkpoint: `factorizer segment CASE -o seg.nii.gz --model runs/demo/best`
+
+Five-fold cross-validation, then one ensemble that segment averages:
+
+    for i in 0 1 2 3 4; do factorizer train data/phantoms --card demo -o runs/fold$i --folds 5 --fold $i; done
+    factorizer models pack runs/fold0 runs/fold1 runs/fold2 runs/fold3 runs/fold4 -o demo-5fold
 """
 
 
@@ -66,7 +71,16 @@ def train(
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up, then cosine decay.")] = 50,
     foreground: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of crops centred on a "
                                               "labelled voxel.")] = 0.5,
-    validation_cases: Annotated[int, typer.Option(min=0, help="The last N cases (by name) validate.")] = 4,
+    validation_cases: Annotated[int, typer.Option(min=0, help="The last N cases (by name) validate "
+                                                  "(without --folds).")] = 4,
+    folds: Annotated[int, typer.Option(min=0, help="Cross-validation: split the cases into K folds "
+                                       "(0: no cross-validation).")] = 0,
+    fold: Annotated[int, typer.Option(min=0, help="With --folds: the fold (0-based) that validates.")] = 0,
+    stratify: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="With --folds: a CSV "
+                                                  "with one row per case ('case' column, else the first).")
+                        ] = None,
+    stratify_column: Annotated[str | None, typer.Option(help="The --stratify column whose values are spread "
+                                                        "evenly over the folds (e.g. grade).")] = None,
     validate_every: Annotated[int, typer.Option(min=1, help="Validation Dice every N steps.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Save the resumable state every N steps.")] = 25,
     seed: Annotated[int, typer.Option(min=0, help="Seeds weights, crops and augmentations.")] = 0,
@@ -74,6 +88,11 @@ def train(
                                          "settings it started with (the options above are ignored).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N] or mps.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for PyTorch.")] = None,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes that make the batches (0: this "
+                                         "one); the batches are the same whatever the number.")] = 0,
+    cache: Annotated[Path | None, typer.Option("--cache", file_okay=False, help="Folder of preprocessed cases, "
+                                               "reused across runs [default: FACTORIZER_HOME/train-cache]"
+                                               )] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model card's network on a labelled dataset folder.
@@ -85,17 +104,23 @@ def train(
     (`--model RUN/best`), in their inference form (a RepUX-Net trained with BFR is saved
     reparameterised, `"deploy": true`); the run resumes after a
     crash from its last saved state (`--resume`) and ends exactly where it would have (on the CPU; on
-    a GPU up to the nondeterminism of its kernels). Every case is held in memory on the model's grid.
+    a GPU up to the nondeterminism of its kernels). Each case is preprocessed once into an on-disk
+    cache (`--cache`) and read back a crop at a time, so memory does not grow with the dataset;
+    `--workers N` makes the batches in N processes, without changing them. Cross-validation:
+    `--folds 5 --fold 0` (then 1 .. 4, each in its own run folder) splits the cases the same way on every
+    machine (saved in the run as split.json), optionally spreading a CSV column's values over the folds;
+    `factorizer models pack RUN...` makes the fold runs one ensemble.
     """
     from ..api import TrainConfig, set_threads
     from ..api import train as run_training
 
     set_threads(threads)
     config = TrainConfig(steps, batch_size, learning_rate, weight_decay, warmup_steps, foreground,
-                         validation_cases, validate_every, checkpoint_every, seed)
+                         validation_cases, validate_every, checkpoint_every, seed, folds, fold,
+                         None if stratify is None else str(stratify), stratify_column)
     console = error_console()
     with progress_bar(quiet) as bar:
-        loading = bar.add_task("reading cases", total=None)
+        loading = bar.add_task("preparing cases", total=None)
         training = bar.add_task("training", total=steps, visible=False)
 
         def on_case(done: int, total: int) -> None:
@@ -110,7 +135,7 @@ def train(
                 console.print(f"step {step}: validation Dice {dice}", highlight=False)
 
         result = run_training(data_dir, card, out_dir, config, resume=resume, device=device, on_step=on_step,
-                              on_case=on_case)
+                              on_case=on_case, workers=workers, cache=cache)
     dice = "  ".join(f"{k} {v:.3f}" for k, v in result.validation.items())
     typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; last validation Dice {dice}; "
                f"best model: {out_dir / 'best'}")

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,9 +46,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     by name still work. On failure the temporary is removed; an ``OSError`` becomes ``OutputError``.
     """
     path = Path(path)
-    suffix = _suffix(path)
-    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-    temporary = path.with_name(f".{stem}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+    temporary = temporary_sibling(path)
     try:
         yield temporary
         with open(temporary, "rb+") as f:  # flush to disk before the rename makes it visible
@@ -83,17 +82,31 @@ def make_folder(folder: str | os.PathLike[str], what: str = "output folder") -> 
     return folder
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
-    """Delete the temporary files that killed writers of this host left in ``folder``; returns how many.
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name beside ``path`` that this process alone writes, keeping ``path``'s suffix.
 
-    Only files of processes that no longer exist on this machine: writers still at work here, and
-    those of other machines sharing the folder, are left alone.
+    The name records host and process (``.<stem>.<host>-<pid>.<random>.tmp<suffix>``), so that
+    ``remove_stale_temporaries`` can tell a killed writer's leftover from a writer still at work.
+    """
+    suffix = _suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return path.with_name(f".{stem}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Delete the temporaries (files or folders) that killed writers of this host left in ``folder``.
+
+    Only those of processes that no longer exist on this machine: writers still at work here, and
+    those of other machines sharing the folder, are left alone. Returns how many were removed.
     """
     removed = 0
-    for file in Path(folder).glob(".*.tmp*"):
-        match = _TEMPORARY.match(file.name)
+    for temporary in Path(folder).glob(".*.tmp*"):
+        match = _TEMPORARY.match(temporary.name)
         if match and match.group("host") == _HOST and not _alive(int(match.group("pid"))):
-            file.unlink(missing_ok=True)
+            if temporary.is_dir() and not temporary.is_symlink():
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                temporary.unlink(missing_ok=True)
             removed += 1
     return removed
 

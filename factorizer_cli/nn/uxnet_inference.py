@@ -74,6 +74,11 @@ def _conv(conv: nn.Conv3d, x: Tensor, weight: Tensor | None = None, bias: Tensor
     if x.shape[1] != 1 or weight.shape[1] != 1 or conv.stride != (1, 1, 1) or x.shape[0] != 1:
         return F.conv3d(x, weight, bias, conv.stride, conv.padding)
     kernel, padding = weight.shape[2:], conv.padding
+    if tuple(kernel) == (1, 1, 1):  # an outer product: one broadcast, written channels-last
+        y = torch.empty((1, weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
+                        memory_format=CHANNELS_LAST)
+        torch.mul(x, weight.reshape(1, -1, 1, 1, 1), out=y)
+        return y if bias is None else y.add_(bias.reshape(1, -1, 1, 1, 1))
     padded = F.pad(x[0, 0], [p for p in reversed(padding) for _ in range(2)])
     windows = padded.unfold(0, kernel[0], 1).unfold(1, kernel[1], 1).unfold(2, kernel[2], 1)
     spatial = windows.shape[:3]

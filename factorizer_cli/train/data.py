@@ -157,30 +157,39 @@ def class_indices(values: np.ndarray, targets: Targets, steps: Inverse) -> np.nd
     return winner[None]
 
 
-def _pad_to(array: np.ndarray, roi: Sequence[int], value: int = 0) -> np.ndarray:
-    pad = [(0, 0)] + [(0, max(0, r - n)) for r, n in zip(roi, array.shape[1:])]
-    return np.pad(array, pad, constant_values=value) if any(p[1] for p in pad) else array
+def _crop(array: np.ndarray, start: Sequence[int], roi: Sequence[int], value: int = 0) -> np.ndarray:
+    """``array[:, start : start + roi]`` as a new array, padded with ``value`` past the volume's far edges.
+
+    Reads only the box (a memory-mapped array reads only the pages it touches), never the whole volume.
+    """
+    box = (slice(None), *(slice(s, min(s + r, n)) for s, r, n in zip(start, roi, array.shape[1:])))
+    crop = np.array(array[box])
+    pad = [(0, 0)] + [(0, r - n) for r, n in zip(roi, crop.shape[1:])]
+    return np.pad(crop, pad, constant_values=value) if any(p[1] for p in pad) else crop
 
 
 def sample_batch(cases: Sequence[TrainingCase], roi: Sequence[int], batch_size: int,
                  foreground_fraction: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ROI crops, a ``foreground_fraction`` of them centred on a labelled voxel.
 
-    Targets come as float regions (sigmoid) or int64 class indices ``(B, 1, *roi)`` (softmax).
+    A volume smaller than the ROI along an axis is padded at its far end (the image with 0, the target
+    with the case's pad value). Cases may be in memory or memory-mapped (``cache.CachedCase``): only
+    the crops are read. Targets come as float regions (sigmoid) or int64 class indices
+    ``(B, 1, *roi)`` (softmax).
     """
     images, targets = [], []
     for _ in range(batch_size):
         case = cases[rng.integers(len(cases))]
-        image, target = _pad_to(case.image, roi), _pad_to(case.target, roi, case.pad_value)
-        shape = np.array(image.shape[1:])
-        if len(case.foreground) and rng.random() < foreground_fraction:
-            centre = case.foreground[rng.integers(len(case.foreground))]
+        image, target, foreground = case.image, case.target, case.foreground
+        shape = np.maximum(np.array(image.shape[1:]), roi)  # the padded volume's
+        if len(foreground) and rng.random() < foreground_fraction:
+            centre = np.asarray(foreground[rng.integers(len(foreground))])
             start = np.clip(centre - np.array(roi) // 2, 0, shape - roi)
         else:
             start = np.array([rng.integers(0, n - r + 1) for n, r in zip(shape, roi)])
-        box = (slice(None), *(slice(s, s + r) for s, r in zip(start, roi)))
-        images.append(image[box])
-        targets.append(target[box])
+        images.append(_crop(image, start, roi))
+        targets.append(_crop(target, start, roi, case.pad_value))
+        del image, target, foreground  # a memory map is let go as soon as its crop is read
     target = torch.from_numpy(np.stack(targets))
     return torch.from_numpy(np.stack(images)), target.float() if target.dtype == torch.bool else target.long()
 

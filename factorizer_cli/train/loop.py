@@ -7,7 +7,11 @@ with BFR is saved folded); the resumable state holds the training form.
 
 Every step draws its crops and augmentations from ``default_rng([seed, step])`` and seeds torch the
 same way, so a run resumed from its saved state repeats exactly the steps an uninterrupted run would
-have taken. The learning rate is a function of the step alone (linear warm-up, cosine decay).
+have taken, whatever the number of DataLoader workers that make the batches (``loader``). The learning
+rate is a function of the step alone (linear warm-up, cosine decay).
+
+Cases are preprocessed once into an on-disk cache (``cache``) and read back as memory maps, a crop at a
+time and a validation volume at a time, so memory does not grow with the number of cases.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,16 +34,11 @@ from ..io.atomic import write_text_atomic
 from ..pipeline.sliding_window import sliding_window_inference
 from ..zoo.card import ModelCard
 from ..zoo.package import save_package
-from .data import (
-    Targets,
-    TrainingCase,
-    augment,
-    find_training_cases,
-    load_case,
-    sample_batch,
-    targets_of,
-)
+from .cache import CachedCase, CaseCache
+from .data import Targets, TrainingCase, find_training_cases, targets_of
+from .folds import SPLIT_FILE, Split, read_strata, split_cases
 from .inference_form import inference_form
+from .loader import step_batches
 from .loss import deep_supervision_loss
 from .state import STATE_FILE, RunState, load_state, save_state, saved_settings
 
@@ -56,6 +55,10 @@ class TrainConfig:
     validate_every: int = 100
     checkpoint_every: int = 25
     seed: int = 0
+    folds: int = 0  # 0: the last validation_cases validate; K: cross-validation, fold ``fold`` validates
+    fold: int = 0
+    stratify_csv: str | None = None  # a CSV with a column per case to spread over the folds
+    stratify_column: str | None = None
 
 
 @dataclass
@@ -79,10 +82,10 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def validate(network: torch.nn.Module, cases: list[TrainingCase], card: ModelCard,
+def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase], card: ModelCard,
              targets: Targets | None = None) -> dict[str, float]:
     """Mean Dice per region (sigmoid) or per class but the background (softmax, argmax), over the
-    validation cases, on the model's grid (whole volumes)."""
+    validation cases, on the model's grid (whole volumes, read one case at a time)."""
     targets = targets or targets_of(card)
     network.eval()
     scored = [c for c in range(len(card.outputs)) if c != targets.background]
@@ -90,16 +93,17 @@ def validate(network: torch.nn.Module, cases: list[TrainingCase], card: ModelCar
     device = next(network.parameters()).device
     with torch.inference_mode():
         for case in cases:
+            image, target = np.array(case.image), np.array(case.target)  # in memory for this case only
             probabilities = sliding_window_inference(
-                torch.from_numpy(case.image), card.roi,
+                torch.from_numpy(image), card.roi,
                 lambda x: activate(full_resolution_logits(network, x), card.activation), overlap=card.overlap,
                 window_device=device, output_device="cpu")
             if targets.background is None:
                 above = probabilities.numpy() > card.threshold
-                masks = ((above[c], case.target[c]) for c in scored)
+                masks = ((above[c], target[c]) for c in scored)
             else:
                 winner = probabilities.argmax(0).numpy()
-                masks = ((winner == c, case.target[0] == c) for c in scored)
+                masks = ((winner == c, target[0] == c) for c in scored)
             for i, (predicted, truth) in enumerate(masks):
                 total = predicted.sum() + truth.sum()
                 both = np.logical_and(predicted, truth).sum()
@@ -110,12 +114,17 @@ def validate(network: torch.nn.Module, cases: list[TrainingCase], card: ModelCar
 
 def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: TrainConfig = TrainConfig(),
           resume: bool = False, device: torch.device | str = "cpu", progress: Progress | None = None,
-          case_progress: CaseProgress | None = None) -> TrainResult:
+          case_progress: CaseProgress | None = None, workers: int = 0,
+          cache_dir: str | Path | None = None) -> TrainResult:
     """Train ``card``'s architecture on ``data_dir``; write ``best/`` and ``last/`` model packages.
 
     With ``resume`` the run continues from ``out_dir`` with the settings it started with (``config``
-    is ignored), so it ends exactly where an uninterrupted run would.
+    is ignored), so it ends exactly where an uninterrupted run would. ``workers`` DataLoader processes
+    make the batches (0: this process); they change the speed, never the batches. Cases are
+    preprocessed into ``cache_dir`` (default ``FACTORIZER_HOME/train-cache``) unless already there.
     """
+    if workers < 0:
+        raise ConfigError(f"workers must be 0 (in this process) or more, got {workers}")
     out = Path(out_dir)
     if resume and not (out / STATE_FILE).is_file():
         raise ConfigError(f"{out / STATE_FILE}: no training state to resume; start without --resume")
@@ -126,16 +135,14 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
         config = TrainConfig(**saved_settings(out))  # the same split, steps and schedule as before
     targets = targets_of(card)
     found = find_training_cases(data_dir, card)
-    if len(found) <= config.validation_cases:
-        raise ConfigError(f"{data_dir}: {len(found)} cases, but {config.validation_cases} are held out for "
-                          "validation; add cases or lower --validation-cases")
-    cases = []
+    validating_names = _validation_names(data_dir, [name for name, _, _ in found], config, out, resume)
+    cache, cases = CaseCache(cache_dir), []
     for i, (name, files, label) in enumerate(found):
-        cases.append(load_case(name, files, label, card, targets))
+        cases.append(cache.case(name, files, label, card, targets))
         if case_progress is not None:
             case_progress(i + 1, len(found))
-    held_out = cases[len(cases) - config.validation_cases:] if config.validation_cases else []
-    training = cases[: len(cases) - len(held_out)]
+    held_out = [c for c in cases if c.name in validating_names]
+    training = [c for c in cases if c.name not in validating_names]
 
     torch.manual_seed(config.seed)  # the initial weights
     network = build(dict(card.architecture)).to(device).train()
@@ -148,12 +155,11 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
     validation = next((row["validation"] for row in reversed(run.history) if "validation" in row), {})
     start, loss_value = time.perf_counter(), float("nan")
     elapsed_before = run.history[-1]["seconds"] if run.history else 0.0
-    while run.step < config.steps:
+    batches = step_batches(training, card.roi, config.batch_size, config.foreground_fraction, config.seed,
+                           run.step, config.steps, workers, pin_memory=torch.device(device).type == "cuda")
+    for image, target in batches:
         step = run.step
-        rng = np.random.default_rng([config.seed, step])
         torch.manual_seed(config.seed * 1_000_003 + step)
-        image, target = augment(*sample_batch(training, card.roi, config.batch_size,
-                                              config.foreground_fraction, rng), rng)
         rate = learning_rate(step, config)
         for group in optimizer.param_groups:
             group["lr"] = rate
@@ -188,6 +194,37 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
             progress(run.step, config.steps, loss_value, validation if validating else None)
     seconds = run.history[-1]["seconds"] if run.history else 0.0
     return TrainResult(run.step, run.best_dice, validation, seconds, run.history)
+
+
+def _validation_names(data_dir: str | Path, names: list[str], config: TrainConfig, out: Path,
+                      resume: bool) -> set[str]:
+    """The cases that validate: the last ``validation_cases`` by name, or fold ``fold`` of ``folds``.
+
+    A cross-validation run writes its split (``split.json``) and a resumed one reads it back, so a
+    changed folder or CSV cannot move cases between training and validation mid-run.
+    """
+    if not config.folds:
+        if len(names) <= config.validation_cases:
+            raise ConfigError(f"{data_dir}: {len(names)} cases, but {config.validation_cases} are held out for "
+                              "validation; add cases or lower --validation-cases")
+        return set(names[len(names) - config.validation_cases:]) if config.validation_cases else set()
+    if resume and (out / SPLIT_FILE).is_file():
+        split = Split.load(out)
+        missing = sorted(set(split.training + split.validation) - set(names))
+        if missing:
+            raise ConfigError(f"{data_dir}: case(s) {', '.join(missing[:3])} of this run's split are gone; "
+                              "restore them to resume")
+        return set(split.validation)
+    strata, stratify = None, None
+    if config.stratify_csv:
+        if not config.stratify_column:
+            raise ConfigError("--stratify needs --stratify-column (the CSV column to spread over the folds)")
+        strata = read_strata(config.stratify_csv, config.stratify_column, names)
+        stratify = f"{config.stratify_csv}:{config.stratify_column}"
+    split = split_cases(names, config.folds, config.fold, config.seed, strata, stratify)
+    out.mkdir(parents=True, exist_ok=True)
+    split.save(out)
+    return set(split.validation)
 
 
 def _save_model(folder: Path, network: torch.nn.Module, card: ModelCard, run: RunState,
