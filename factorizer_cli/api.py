@@ -47,9 +47,9 @@ from .pipeline.preview import preview_background, write_preview
 from .pipeline.segment import InferenceOptions, Segmentation, Segmenter
 from .train import TrainConfig, TrainResult
 from .train import train as _train
+from .train.pack import pack_runs as _pack_runs
 from .zoo.card import ModelCard
 from .zoo.onnx_file import OnnxModel, is_onnx_path, open_onnx
-from .zoo.pack import pack_runs as _pack_runs
 from .zoo.package import ModelPackage
 from .zoo.registry import zoo_card, zoo_names
 from .zoo.resolve import convert, fetch_weights, load_card, resolve_model

@@ -12,8 +12,8 @@ from factorizer_cli.cli import app
 from factorizer_cli.errors import ConfigError, InputError
 from factorizer_cli.families import build
 from factorizer_cli.train.folds import Split, fold_of_each, read_strata, split_cases
+from factorizer_cli.train.pack import pack_runs
 from factorizer_cli.zoo.card import ModelCard
-from factorizer_cli.zoo.pack import pack_runs
 from factorizer_cli.zoo.package import open_package, save_package
 from factorizer_cli.zoo.registry import zoo_card
 
@@ -153,3 +153,45 @@ def test_five_fold_runs_pack_into_an_ensemble_that_segment_uses(tmp_path, monkey
                                  str(tmp_path / "fold0"), "--resume", "--quiet"])
     assert result.exit_code == 0, result.output
     assert Split.load(tmp_path / "fold0") == before
+
+
+def test_runs_of_other_cross_validations_or_listed_twice_are_refused(tmp_path):
+    card = zoo_card("demo")
+    _run(tmp_path / "a", card, 0, 0, 0.5)
+    _run(tmp_path / "b", card, 1, 1, 0.5)
+    split_cases(NAMES, 3, 1, seed=7).save(tmp_path / "b")  # fold 1 of another shuffle
+    with pytest.raises(ConfigError, match="split by other settings or cases"):
+        pack_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    with pytest.raises(ConfigError, match="listed twice"):
+        pack_runs([tmp_path / "a", tmp_path / "a"], tmp_path / "out")
+    _run(tmp_path / "c", card, 2, None, 0.5)  # trained without --folds
+    with pytest.raises(ConfigError, match="some runs were trained with --folds and some without"):
+        pack_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "out")
+    (tmp_path / "a" / "split.json").write_text("{")
+    with pytest.raises(ConfigError, match="not a readable split"):
+        pack_runs([tmp_path / "a"], tmp_path / "out")
+
+
+def test_fold_options_need_folds_and_a_resumed_fold_run_needs_its_split(tmp_path, monkeypatch):
+    from tests.test_train import tiny_card, write_dataset
+
+    monkeypatch.setenv("FACTORIZER_HOME", str(tmp_path / "home"))
+    data = write_dataset(tmp_path / "data", cases=4)
+    card = tiny_card(tmp_path / "tiny.json")
+    runner = CliRunner()
+    base = ["train", str(data), "--card", str(card), "--steps", "1", "--quiet", "--validation-cases", "1"]
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "r1"), "--fold", "2"])
+    assert result.exit_code != 0 and "need --folds K" in result.output
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "r2"), "--folds", "2", "--fold", "1"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "r2" / "split.json").unlink()
+    result = runner.invoke(app, [*base, "-o", str(tmp_path / "r2"), "--resume"])
+    assert result.exit_code != 0 and "split is missing" in result.output
+
+
+def test_a_short_csv_row_is_an_empty_stratum_not_a_crash(tmp_path):
+    csv = tmp_path / "grades.csv"
+    csv.write_text("case,grade\n" + "".join(f"{n},{'HGG' if i % 2 else ''}\n" for i, n in enumerate(NAMES[:-1]))
+                   + f"{NAMES[-1]}\n")
+    strata = read_strata(csv, "grade", NAMES)
+    assert strata[NAMES[-1]] == "" and strata[NAMES[1]] == "HGG"

@@ -257,3 +257,24 @@ def test_a_run_crashed_with_workers_resumes_exactly_with_other_workers(tmp_path)
     whole_state, crashed_state = (load_file(tmp_path / r / STATE_FILE) for r in ("whole", "crashed"))
     for key in whole_state:
         torch.testing.assert_close(crashed_state[key], whole_state[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_workers_error_comes_back_as_one_line(workers):
+    from torch.utils.data import DataLoader, Dataset
+
+    from factorizer_cli.errors import InputError
+    from factorizer_cli.train.loader import _one_line_errors
+
+    class Failing(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int):
+            if index == 1:
+                open("/nonexistent/factorizer-cache/image.npy")  # noqa: SIM115
+            raise InputError("case.nii.gz: bad file; fix it")
+
+    with pytest.raises(InputError) as raised:
+        list(_one_line_errors(iter(DataLoader(Failing(), batch_size=None, num_workers=workers))))
+    assert str(raised.value) == "case.nii.gz: bad file; fix it"

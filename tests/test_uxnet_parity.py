@@ -179,7 +179,8 @@ def test_prepare_computes_the_same_function_for_uxnet_and_deployed_repuxnet():
     meta = _meta("uxnet", "uxnet_small_seed0")
     small = {**_config(meta), "depths": [1, 1, 1, 1], "feat_size": [8, 8, 8, 8], "hidden_size": 8}
     x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
-    for config in (small, {**small, "class": "REPUXNET", "ks": 21, "a": 1, "deploy": True}):
+    for config in (small, {**small, "class": "REPUXNET", "ks": 21, "a": 1, "deploy": True},
+                   {**small, "res_block": False}):  # basic blocks: the decoder concatenates as upstream
         model = build(config).eval()
         family = family_of(model)
         assert family.name == "uxnet" and family_of(config) is family

@@ -83,7 +83,8 @@ class LargeKernelDepthwise(nn.Module):
     """Inference-only depthwise conv ('same' padding, stride 1) over ``B × C × D × H × W`` maps.
 
     Holds the kernel as a buffer (it is derived, never trained: the trainable module is upstream's
-    ``Conv3d``); caches the kernel's spectrum per FFT size, device and dtype. ONNX export and tracing
+    ``Conv3d``); caches the kernel's spectrum for the last FFT size, device and dtype (windows
+    share one size). ONNX export and tracing
     take the direct path, which has a standard operator.
     """
 

@@ -7,7 +7,7 @@ decoder's dense 3³ convs at full resolution and to the full-size maps between t
   the reorders into and out of their own layout (25-30% faster each, and two fewer map-sized buffers),
   and the channel layer norms become plain ``layer_norm`` over the last axis;
 - instance norm, leaky ReLU and residual adds work in place on the conv's output (a map-sized
-  buffer each fewer, in time and in peak memory); the statistics are exact pairwise sums;
+  buffer each fewer, in time and in peak memory); the statistics in float32, shifted, in one pass;
 - the decoder's skip concatenation is never built: a conv of ``[up, skip]`` is the sum of two convs;
 - RepUX-Net's BatchNorm is folded into its depthwise kernel, and large kernels go through
   ``LargeKernelDepthwise`` (trimmed, FFT where it pays).
@@ -71,7 +71,8 @@ def _conv(conv: nn.Conv3d, x: Tensor, weight: Tensor | None = None, bias: Tensor
     result is already channels-last.
     """
     weight = conv.weight if weight is None else weight
-    if x.shape[1] != 1 or weight.shape[1] != 1 or conv.stride != (1, 1, 1) or x.shape[0] != 1:
+    if (x.shape[1] != 1 or weight.shape[1] != 1 or conv.stride != (1, 1, 1) or x.shape[0] != 1
+            or x.device.type != "cpu"):  # cuDNN handles one input channel well
         return F.conv3d(x, weight, bias, conv.stride, conv.padding)
     kernel, padding = weight.shape[2:], conv.padding
     if tuple(kernel) == (1, 1, 1):  # an outer product: one broadcast, written channels-last
@@ -89,35 +90,23 @@ def _conv(conv: nn.Conv3d, x: Tensor, weight: Tensor | None = None, bias: Tensor
     return y.reshape(1, *spatial, weight.shape[0]).permute(0, 4, 1, 2, 3)
 
 
-def _split_conv(conv: nn.Conv3d, parts: tuple[Tensor, Tensor]) -> Tensor:
-    """``conv(cat(parts, dim=1))`` without the concatenation: one conv per part, summed in place."""
-    width = parts[0].shape[1]
-    y = _conv(conv, parts[0], conv.weight[:, :width], conv.bias)
-    return y.add_(_conv(conv, parts[1], conv.weight[:, width:]))
-
-
 class InferenceConvBlock(nn.Module):
-    """``ConvBlock`` (MONAI's UnetResBlock / UnetBasicBlock) in place; takes one map or a skip pair."""
+    """``ConvBlock`` (MONAI's UnetResBlock / UnetBasicBlock) with its norms and adds in place."""
 
     def __init__(self, block: ConvBlock) -> None:
         super().__init__()
         self.block = block
 
-    def forward(self, x: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         block = self.block
         conv1, conv2 = block.conv1.conv, block.conv2.conv
-        conv3 = None if block.conv3 is None else block.conv3.conv
         if _exporting():
-            return block(torch.cat(x, dim=1) if isinstance(x, tuple) else x)
-        y = _split_conv(conv1, x) if isinstance(x, tuple) else _conv(conv1, x, bias=conv1.bias)
-        y = F.leaky_relu_(_instance_norm_(y), 0.01)
+            return block(x)
+        y = F.leaky_relu_(_instance_norm_(_conv(conv1, x, bias=conv1.bias)), 0.01)
         y = _instance_norm_(_conv(conv2, y, bias=conv2.bias))
         if block.residual:
-            if conv3 is not None:
-                y.add_(_instance_norm_(_split_conv(conv3, x) if isinstance(x, tuple)
-                                       else _conv(conv3, x, bias=conv3.bias)))
-            else:
-                y.add_(torch.cat(x, dim=1) if isinstance(x, tuple) else x)
+            y.add_(x if block.conv3 is None else _instance_norm_(_conv(block.conv3.conv, x,
+                                                                       bias=block.conv3.conv.bias)))
         return F.leaky_relu_(y, 0.01)
 
 
@@ -162,9 +151,7 @@ class InferenceUpBlock(nn.Module):
         self.register_buffer("skip_kernel", conv1.weight[:, width:].clone())
         self.register_buffer("conv1_bias", None if conv1.bias is None else conv1.bias.clone())
         self.conv2 = inner.conv2.conv
-        if inner.conv3 is None or not inner.residual:
-            raise ValueError("an UpBlock's conv block concatenates two maps: it has a residual 1×1 conv")
-        conv3 = inner.conv3.conv
+        conv3 = inner.conv3.conv  # a residual block from 2·M to M channels always has one
         residual = conv3.weight[:, :width, 0, 0, 0]  # O × M
         self.register_buffer("residual_transposed",
                              torch.einsum("om,cmdhw->codhw", residual, transposed).contiguous())
@@ -217,7 +204,7 @@ class _LastAxisChannelNorm(ChannelNorm):
 
 def _swap_children(module: nn.Module) -> None:
     for name, child in module.named_children():
-        if isinstance(child, UpBlock):
+        if isinstance(child, UpBlock) and child.conv_block.residual:
             setattr(module, name, InferenceUpBlock(child))
         elif isinstance(child, ConvBlock):
             setattr(module, name, InferenceConvBlock(child))

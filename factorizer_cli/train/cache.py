@@ -100,7 +100,12 @@ class CaseCache:
         entry = self.folder / f"{_safe(name)}-{case_key(files, label_file, card, targets)[:24]}"
         cached = _open(entry)
         if cached is None:
-            if entry.exists():  # renamed whole once, damaged since (files deleted by hand): write it anew
+            # Renamed whole once, damaged since (files deleted by hand): write it anew. Look again
+            # first: another run may have renamed a complete entry into place a moment ago.
+            cached = _open(entry)
+            if cached is not None:
+                return cached
+            if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             self._write(entry, data.load_case(name, files, label_file, card, targets))
             cached = _open(entry)
@@ -143,8 +148,11 @@ def _open(entry: Path) -> CachedCase | None:
     """The entry as a case, or ``None`` if it is absent or not one this version wrote whole."""
     try:
         meta = json.loads((entry / "case.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
+    except OSError as err:  # unreadable, not absent: never delete what may be a good entry
+        raise InputError(f"{entry}: cannot read the training cache entry ({err}); check its permissions "
+                         "or pass another --cache folder") from None
     if meta.get("format") != CACHE_FORMAT or not all((entry / f).is_file() for f in _ENTRY_FILES):
         return None
     return CachedCase(meta["name"], entry, int(meta["pad_value"]))

@@ -38,8 +38,13 @@ class Split:
 
     @classmethod
     def load(cls, folder: Path) -> Split:
-        data = json.loads((folder / SPLIT_FILE).read_text())
-        return cls(**{**data, "training": tuple(data["training"]), "validation": tuple(data["validation"])})
+        path = folder / SPLIT_FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{**data, "training": tuple(data["training"]), "validation": tuple(data["validation"])})
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ConfigError(f"{path}: not a readable split of factorizer train ({type(err).__name__}: {err}); "
+                              "restore it from the run that wrote it") from None
 
 
 def fold_of_each(names: Sequence[str], folds: int, seed: int = 0,
@@ -85,7 +90,7 @@ def read_strata(path: str | Path, column: str, names: Sequence[str]) -> dict[str
         raise InputError(f"{path}: no column {column!r} (columns: {', '.join(header) or 'none'}); "
                          "pass one of them to --stratify-column")
     key = "case" if "case" in header else header[0]
-    values = {row[key].strip(): row[column].strip() for row in rows}
+    values = {(row[key] or "").strip(): (row[column] or "").strip() for row in rows}
     missing = [n for n in names if n not in values]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

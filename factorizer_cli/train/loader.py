@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import FactorizerError, InputError
 from .data import TrainingCase, augment, sample_batch
 
 
@@ -53,4 +54,27 @@ def step_batches(cases: Sequence[TrainingCase], roi: Sequence[int], batch_size: 
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(seed), persistent_workers=False,
                         prefetch_factor=2 if workers else None)
-    return iter(loader)
+    return _one_line_errors(iter(loader))
+
+
+def _one_line_errors(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches; a worker's failure as the one-line error the command shows (PyTorch re-raises a
+    worker's exception with the worker's traceback folded into its message)."""
+    try:
+        yield from batches
+    except FactorizerError as err:
+        raise type(err)(_original_message(err)) from None
+    except FileNotFoundError as err:
+        raise InputError(f"a file of the training cache vanished while the run read it ({_original_message(err)}); "
+                         "check that nothing deletes the cache during a run, then rerun with --resume") from None
+
+
+def _original_message(err: BaseException) -> str:
+    """The message raised in the worker: the last line of the traceback PyTorch folded in, if any."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    last = lines[-1].strip()
+    return last.partition(f"{type(err).__name__}: ")[2] or last
+

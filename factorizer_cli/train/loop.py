@@ -135,14 +135,15 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
         config = TrainConfig(**saved_settings(out))  # the same split, steps and schedule as before
     targets = targets_of(card)
     found = find_training_cases(data_dir, card)
-    validating_names = _validation_names(data_dir, [name for name, _, _ in found], config, out, resume)
+    training_names, validating_names = _split_names(data_dir, [name for name, _, _ in found], config, out,
+                                                    resume)
     cache, cases = CaseCache(cache_dir), []
     for i, (name, files, label) in enumerate(found):
         cases.append(cache.case(name, files, label, card, targets))
         if case_progress is not None:
             case_progress(i + 1, len(found))
     held_out = [c for c in cases if c.name in validating_names]
-    training = [c for c in cases if c.name not in validating_names]
+    training = [c for c in cases if c.name in training_names]
 
     torch.manual_seed(config.seed)  # the initial weights
     network = build(dict(card.architecture)).to(device).train()
@@ -196,25 +197,32 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
     return TrainResult(run.step, run.best_dice, validation, seconds, run.history)
 
 
-def _validation_names(data_dir: str | Path, names: list[str], config: TrainConfig, out: Path,
-                      resume: bool) -> set[str]:
-    """The cases that validate: the last ``validation_cases`` by name, or fold ``fold`` of ``folds``.
+def _split_names(data_dir: str | Path, names: list[str], config: TrainConfig, out: Path,
+                 resume: bool) -> tuple[set[str], set[str]]:
+    """The cases that train and those that validate: the last ``validation_cases`` by name validate,
+    or, with ``folds``, fold ``fold`` of a saved split.
 
-    A cross-validation run writes its split (``split.json``) and a resumed one reads it back, so a
-    changed folder or CSV cannot move cases between training and validation mid-run.
+    A cross-validation run writes its split (``split.json``) and a resumed one reads it back and uses
+    exactly its cases, so that a changed folder or CSV cannot change the run mid-way.
     """
     if not config.folds:
+        if config.fold or config.stratify_csv or config.stratify_column:
+            raise ConfigError("--fold, --stratify and --stratify-column need --folds K (cross-validation)")
         if len(names) <= config.validation_cases:
             raise ConfigError(f"{data_dir}: {len(names)} cases, but {config.validation_cases} are held out for "
                               "validation; add cases or lower --validation-cases")
-        return set(names[len(names) - config.validation_cases:]) if config.validation_cases else set()
-    if resume and (out / SPLIT_FILE).is_file():
+        cut = len(names) - config.validation_cases
+        return set(names[:cut]), set(names[cut:])
+    if resume:
+        if not (out / SPLIT_FILE).is_file():
+            raise ConfigError(f"{out / SPLIT_FILE}: this cross-validation run's split is missing; restore it "
+                              "to resume (recomputing it could move cases between training and validation)")
         split = Split.load(out)
         missing = sorted(set(split.training + split.validation) - set(names))
         if missing:
             raise ConfigError(f"{data_dir}: case(s) {', '.join(missing[:3])} of this run's split are gone; "
                               "restore them to resume")
-        return set(split.validation)
+        return set(split.training), set(split.validation)
     strata, stratify = None, None
     if config.stratify_csv:
         if not config.stratify_column:
@@ -224,7 +232,7 @@ def _validation_names(data_dir: str | Path, names: list[str], config: TrainConfi
     split = split_cases(names, config.folds, config.fold, config.seed, strata, stratify)
     out.mkdir(parents=True, exist_ok=True)
     split.save(out)
-    return set(split.validation)
+    return set(split.training), set(split.validation)
 
 
 def _save_model(folder: Path, network: torch.nn.Module, card: ModelCard, run: RunState,

@@ -8,15 +8,16 @@ fold's validation figures, so that the package says how it was validated.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import ConfigError
-from .card import ModelCard
-from .package import ModelPackage, open_package, save_package
+from ..errors import CheckpointError, ConfigError
+from ..zoo.card import ModelCard
+from ..zoo.package import ModelPackage, open_package, save_package, sha256_of
+from .folds import SPLIT_FILE, Split
 
 # What training writes into a run's card; everything else must agree between the folds.
 _PER_RUN = ("metrics", "provenance", "weights", "description")
@@ -26,12 +27,22 @@ def _model_description(card: ModelCard) -> dict:
     return {k: v for k, v in card.to_dict().items() if k not in _PER_RUN}
 
 
-def _fold_record(run: Path) -> dict | None:
-    split = run / "split.json"
-    if not split.is_file():
-        return None
-    data = json.loads(split.read_text())
-    return {"fold": data["fold"], "folds": data["folds"], "validation_cases": len(data["validation"])}
+def _split_of(run: Path) -> Split | None:
+    return Split.load(run) if (run / SPLIT_FILE).is_file() else None
+
+
+def _weights(package: ModelPackage) -> list[dict]:
+    """The package's state dicts, each checked against the card's sha256 before it is read."""
+    state_dicts = []
+    for path, entry in zip(package.weight_files, package.card.weights):
+        if entry.get("sha256") and sha256_of(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 does not match its card; the run's package was changed "
+                                  "since training wrote it")
+        try:
+            state_dicts.append(load_file(path))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return state_dicts
 
 
 def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best") -> ModelPackage:
@@ -54,19 +65,27 @@ def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best
         if differing:
             raise ConfigError(f"{run}: trains another model than {runs[0]} (differs in {', '.join(differing)}); "
                               "pack runs of one card only")
+    if len({r.resolve() for r in runs}) != len(runs):
+        raise ConfigError("a run is listed twice; pass each fold's run folder once")
+    splits = [_split_of(run) for run in runs]
+    cross_validated = [s for s in splits if s is not None]
+    if cross_validated and len(cross_validated) != len(runs):
+        raise ConfigError("some runs were trained with --folds and some without; pack the runs of one "
+                          "cross-validation")
     records, seen = [], {}
-    for run, package in zip(runs, packages):
-        record = {"run": run.name, **(_fold_record(run) or {}), **package.card.metrics}
-        fold = record.get("fold")
-        if fold is not None:
-            if fold in seen:
-                raise ConfigError(f"{run}: fold {fold} again (also {seen[fold]}); pack one run per fold")
-            seen[fold] = run
+    for run, package, split in zip(runs, packages, splits):
+        record = {"run": run.name, **package.card.metrics}
+        if split is not None:
+            same = (split.folds, split.seed, split.stratify, sorted(split.training + split.validation))
+            first = cross_validated[0]
+            if same != (first.folds, first.seed, first.stratify, sorted(first.training + first.validation)):
+                raise ConfigError(f"{run}: split by other settings or cases than {runs[0]} (folds, seed, "
+                                  "stratification and cases must match); pack the runs of one cross-validation")
+            if split.fold in seen:
+                raise ConfigError(f"{run}: fold {split.fold} again (also {seen[split.fold]}); pack one run per fold")
+            seen[split.fold] = run
+            record.update(fold=split.fold, folds=split.folds, validation_cases=len(split.validation))
         records.append(record)
-    folds = {r.get("folds") for r in records}
-    if len(folds) > 1:
-        raise ConfigError(f"the runs were split into different numbers of folds ({sorted(map(str, folds))}); "
-                          "pack the runs of one cross-validation")
     metrics: dict = {"folds": records}
     scored = [r["validation_dice"] for r in records if r.get("validation_dice")]
     if scored:
@@ -77,5 +96,5 @@ def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best
         "description": f"An ensemble of {len(runs)} runs of factorizer train, averaged at inference.",
         "provenance": f"factorizer models pack {' '.join(r.name for r in runs)}",
     })
-    state_dicts = [load_file(path) for package in packages for path in package.weight_files]
+    state_dicts = [weights for package in packages for weights in _weights(package)]
     return save_package(out, card, state_dicts)
