@@ -107,3 +107,17 @@ def test_repuxnet_benchmark_runs_at_a_tiny_size(tmp_path):
     rows = {row["network"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"repuxnet", "uxnet"}
     assert all(row["ours_s"] > 0 and row["ours_peak_mib"] > 0 for row in rows.values())
+
+
+@pytest.mark.slow
+def test_train_benchmark_runs_at_a_tiny_size(tmp_path):
+    """Two small phantoms, two steps: the process-tree memory sampler and the throughput runs work."""
+    out = tmp_path / "train.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train.py"), "--cases", "2", "--steps", "2", "--shape", "64", "64", "48",
+         "--json", str(out)], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "FACTORIZER_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"2-cold", "2-warm"} <= set(results["memory"])
+    assert all(run["peak_tree_rss_gb"] > 0 and run["processes"] >= 1 for run in results["memory"].values())

@@ -195,3 +195,22 @@ def test_a_short_csv_row_is_an_empty_stratum_not_a_crash(tmp_path):
                    + f"{NAMES[-1]}\n")
     strata = read_strata(csv, "grade", NAMES)
     assert strata[NAMES[-1]] == "" and strata[NAMES[1]] == "HGG"
+
+
+def test_a_resumed_run_without_folds_keeps_its_validation_cases(tmp_path, monkeypatch):
+    """A case added to the folder before --resume would otherwise become 'the last case by name'."""
+    from tests.test_train import tiny_card, write_dataset
+
+    monkeypatch.setenv("FACTORIZER_HOME", str(tmp_path / "home"))
+    data = write_dataset(tmp_path / "data", cases=4)
+    card = tiny_card(tmp_path / "tiny.json")
+    runner = CliRunner()
+    run = ["train", str(data), "--card", str(card), "-o", str(tmp_path / "run"), "--quiet"]
+    result = runner.invoke(app, [*run, "--steps", "1", "--validation-cases", "1"])
+    assert result.exit_code == 0, result.output
+    before = Split.load(tmp_path / "run")
+    assert before.folds == 0 and before.validation == ("BraTS-GLI-00003-000",)
+    write_dataset(tmp_path / "data", cases=5)  # BraTS-GLI-00004-000 now sorts last
+    result = runner.invoke(app, [*run, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert Split.load(tmp_path / "run") == before

@@ -26,7 +26,7 @@ SPLIT_FILE = "split.json"
 
 @dataclass(frozen=True)
 class Split:
-    folds: int
+    folds: int  # 0: no cross-validation (the last cases by name validate)
     fold: int
     seed: int
     stratify: str | None  # "FILE:COLUMN" it was stratified by, for the record

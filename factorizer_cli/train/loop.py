@@ -200,11 +200,21 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
 def _split_names(data_dir: str | Path, names: list[str], config: TrainConfig, out: Path,
                  resume: bool) -> tuple[set[str], set[str]]:
     """The cases that train and those that validate: the last ``validation_cases`` by name validate,
-    or, with ``folds``, fold ``fold`` of a saved split.
+    or, with ``folds``, fold ``fold`` of a deterministic split.
 
-    A cross-validation run writes its split (``split.json``) and a resumed one reads it back and uses
-    exactly its cases, so that a changed folder or CSV cannot change the run mid-way.
+    Every run writes its split (``split.json``) and a resumed one reads it back and uses exactly its
+    cases, so that cases added to the folder, or a changed CSV, cannot change the run mid-way.
     """
+    if resume and (out / SPLIT_FILE).is_file():
+        split = Split.load(out)
+        missing = sorted(set(split.training + split.validation) - set(names))
+        if missing:
+            raise ConfigError(f"{data_dir}: case(s) {', '.join(missing[:3])} of this run's split are gone; "
+                              "restore them to resume")
+        return set(split.training), set(split.validation)
+    if config.folds and resume:
+        raise ConfigError(f"{out / SPLIT_FILE}: this cross-validation run's split is missing; restore it "
+                          "to resume (recomputing it could move cases between training and validation)")
     if not config.folds:
         if config.fold or config.stratify_csv or config.stratify_column:
             raise ConfigError("--fold, --stratify and --stratify-column need --folds K (cross-validation)")
@@ -212,26 +222,18 @@ def _split_names(data_dir: str | Path, names: list[str], config: TrainConfig, ou
             raise ConfigError(f"{data_dir}: {len(names)} cases, but {config.validation_cases} are held out for "
                               "validation; add cases or lower --validation-cases")
         cut = len(names) - config.validation_cases
-        return set(names[:cut]), set(names[cut:])
-    if resume:
-        if not (out / SPLIT_FILE).is_file():
-            raise ConfigError(f"{out / SPLIT_FILE}: this cross-validation run's split is missing; restore it "
-                              "to resume (recomputing it could move cases between training and validation)")
-        split = Split.load(out)
-        missing = sorted(set(split.training + split.validation) - set(names))
-        if missing:
-            raise ConfigError(f"{data_dir}: case(s) {', '.join(missing[:3])} of this run's split are gone; "
-                              "restore them to resume")
-        return set(split.training), set(split.validation)
-    strata, stratify = None, None
-    if config.stratify_csv:
-        if not config.stratify_column:
-            raise ConfigError("--stratify needs --stratify-column (the CSV column to spread over the folds)")
-        strata = read_strata(config.stratify_csv, config.stratify_column, names)
-        stratify = f"{config.stratify_csv}:{config.stratify_column}"
-    split = split_cases(names, config.folds, config.fold, config.seed, strata, stratify)
-    out.mkdir(parents=True, exist_ok=True)
-    split.save(out)
+        split = Split(0, 0, config.seed, None, tuple(names[:cut]), tuple(names[cut:]))
+    else:
+        strata, stratify = None, None
+        if config.stratify_csv:
+            if not config.stratify_column:
+                raise ConfigError("--stratify needs --stratify-column (the CSV column to spread over the folds)")
+            strata = read_strata(config.stratify_csv, config.stratify_column, names)
+            stratify = f"{config.stratify_csv}:{config.stratify_column}"
+        split = split_cases(names, config.folds, config.fold, config.seed, strata, stratify)
+    if not resume:  # a run resumed from before splits were saved keeps recomputing its own
+        out.mkdir(parents=True, exist_ok=True)
+        split.save(out)
     return set(split.training), set(split.validation)
 
 

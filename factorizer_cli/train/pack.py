@@ -28,7 +28,9 @@ def _model_description(card: ModelCard) -> dict:
 
 
 def _split_of(run: Path) -> Split | None:
-    return Split.load(run) if (run / SPLIT_FILE).is_file() else None
+    """The run's cross-validation split; ``None`` for a run trained without ``--folds``."""
+    split = Split.load(run) if (run / SPLIT_FILE).is_file() else None
+    return split if split is not None and split.folds else None
 
 
 def _weights(package: ModelPackage) -> list[dict]:
