@@ -107,6 +107,6 @@ def test_convs_from_one_channel_stay_channels_last(kernel):
     conv = nn.Conv3d(1, 8, kernel, padding=kernel // 2)
     x = torch.randn(1, 1, 10, 11, 12, generator=g)
     with torch.no_grad():
-        y = _conv(conv, x, bias=conv.bias)
+        y = _conv(conv, x)
         torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=CHANNELS_LAST)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import ConfigError, ExportError, one_line
-from ..families import Family, SliceWindow, activate, family_of, window_logits
+from ..families import Family, SliceWindow, activate, family_of, label_decisions, window_logits
 from ..io.atomic import atomic_path
 from ..zoo import cache
 from ..zoo.card import ModelCard
@@ -286,23 +286,14 @@ def verification_inputs(card: ModelCard, batch: int, seed: int = 0) -> dict[str,
     }
 
 
-def label_decisions(output: Tensor, kind: str, activation: str, threshold: float) -> Tensor:
-    """What a label map is made of, per voxel of ``(B, C, *roi)`` logits or probabilities: the winning
-    class ``(B, 1, *roi)`` for softmax models, each output's probability above ``threshold``
-    ``(B, C, *roi)`` for sigmoid models."""
-    probabilities = output if kind == "probabilities" else activate(output, activation)
-    if activation == "softmax":
-        return probabilities.argmax(1, keepdim=True)
-    return probabilities > threshold
-
-
 def compare(expected: Tensor, got: Tensor, card: ModelCard, kind: str, tolerance: Tolerance) -> Agreement:
     """``got`` (ONNX Runtime) against ``expected`` (PyTorch): differences, their allowance, label agreement."""
     expected, got = expected.float(), got.float()
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     diff = float((got - expected).abs().max()) if expected.numel() else 0.0  # NaN if got has a NaN
-    same = (label_decisions(got, kind, card.activation, card.threshold)
-            == label_decisions(expected, kind, card.activation, card.threshold)).all(1)
+    decisions = [label_decisions(o if kind == "probabilities" else activate(o, card.activation), card.activation,
+                                 card.threshold) for o in (got, expected)]
+    same = (decisions[0] == decisions[1]).all(1)
     return Agreement(diff, tolerance.allowed(scale), float(same.float().mean()) if same.numel() else 1.0)
 
 

@@ -17,6 +17,7 @@ from .registry import (
     build,
     family_of,
     full_resolution_logits,
+    label_decisions,
     read_upstream,
     register,
     resolve,
@@ -26,7 +27,7 @@ from .registry import (
 )
 
 __all__ = [
-    "Family", "Knob", "SliceWindow", "activate", "LogitsModule", "UpstreamFormat", "all_classes", "build",
+    "Family", "Knob", "SliceWindow", "activate", "label_decisions", "LogitsModule", "UpstreamFormat", "all_classes", "build",
     "family_of", "full_resolution_logits", "read_upstream", "register",
     "resolve", "unregister", "upstream_config", "window_logits",
 ]

@@ -89,6 +89,15 @@ def activate(logits: Tensor, activation: str) -> Tensor:
     return torch.sigmoid(logits) if activation == "sigmoid" else logits.softmax(1)
 
 
+def label_decisions(probabilities: Tensor, activation: str, threshold: float) -> Tensor:
+    """What a label map is made of, per voxel of ``(B, C, *spatial)`` probabilities: the winning class
+    ``(B, 1, *spatial)`` for softmax models, each output above ``threshold`` ``(B, C, *spatial)`` for
+    sigmoid models."""
+    if activation == "softmax":
+        return probabilities.argmax(1, keepdim=True)
+    return probabilities > threshold
+
+
 class SliceWindow(nn.Module):
     """A slice-wise 2D module seen as one for windows ``[H, W, 1]``, like the 3D models (for export)."""
 

@@ -21,9 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LargeKernelDepthwise", "fft_pays", "trimmed_kernel", "fold_batch_norm"]
+__all__ = ["LargeKernelDepthwise", "exporting", "fft_pays", "trimmed_kernel", "fold_batch_norm"]
 
 _SPATIAL = (-3, -2, -1)
+
+
+def exporting() -> bool:
+    """Whether the module is being traced for ONNX (or TorchScript): then only standard operators."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def fold_batch_norm(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm3d) -> tuple[Tensor, Tensor]:
@@ -84,8 +89,7 @@ class LargeKernelDepthwise(nn.Module):
 
     Holds the kernel as a buffer (it is derived, never trained: the trainable module is upstream's
     ``Conv3d``); caches the kernel's spectrum for the last FFT size, device and dtype (windows
-    share one size). ONNX export and tracing
-    take the direct path, which has a standard operator.
+    share one size). ONNX export and tracing take the direct path, which has a standard operator.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
@@ -106,7 +110,7 @@ class LargeKernelDepthwise(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():  # a plain Conv on the kernel as is
+        if exporting():  # a plain Conv on the kernel as it is
             return self._direct(x, self.weight, [k // 2 for k in self.weight.shape[-3:]])
         spatial = x.shape[-3:]
         # Taps beyond ±(n - 1) of the centre only ever meet padding.
@@ -140,5 +144,4 @@ class LargeKernelDepthwise(nn.Module):
         out = torch.empty_like(x)  # the input's memory format (channels-last stays so) and dtype
         if self.bias is None:
             return out.copy_(y)
-        return torch.add(y, self.bias.to(dtype).reshape(-1, 1, 1, 1), out=out) if out.dtype == dtype else \
-            out.copy_(y + self.bias.to(dtype).reshape(-1, 1, 1, 1))
+        return torch.add(y, self.bias.to(dtype).reshape(-1, 1, 1, 1), out=out)

@@ -8,7 +8,8 @@ decoder's dense 3³ convs at full resolution and to the full-size maps between t
   and the channel layer norms become plain ``layer_norm`` over the last axis;
 - instance norm, leaky ReLU and residual adds work in place on the conv's output (a map-sized
   buffer each fewer, in time and in peak memory); the statistics in float32, shifted, in one pass;
-- the decoder's skip concatenation is never built: a conv of ``[up, skip]`` is the sum of two convs;
+- the decoder's upsampled maps and skip concatenations are never built: each up-block's transposed
+  conv is folded into the convs that read it (``InferenceUpBlock``);
 - RepUX-Net's BatchNorm is folded into its depthwise kernel, and large kernels go through
   ``LargeKernelDepthwise`` (trimmed, FFT where it pays).
 
@@ -18,20 +19,19 @@ Under ONNX export every block computes the textbook way, whose operators exporte
 
 from __future__ import annotations
 
+from itertools import product
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .large_kernel import LargeKernelDepthwise, fold_batch_norm
+from .large_kernel import LargeKernelDepthwise, exporting, fold_batch_norm
 from .uxnet import REPUXNET, UXNET, ChannelNorm, ConvBlock, RepUXBlock, UpBlock, UXBlock
 
 __all__ = ["fuse_for_inference"]
 
 CHANNELS_LAST = torch.channels_last_3d
-
-
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+_PARITIES = tuple(product((0, 1), repeat=3))  # (πd, πh, πw) of a fine voxel 2q + π, in this order
 
 
 def _moments(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,14 +63,14 @@ def _instance_norm_(y: Tensor, eps: float = 1e-5) -> Tensor:
     return y
 
 
-def _conv(conv: nn.Conv3d, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """``conv(x)`` (with another weight or bias if given), channels-last even from one input channel.
+def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """``conv(x)``, channels-last even from one input channel.
 
     From a single input channel PyTorch leaves oneDNN for a slow reference kernel with an NCDHW
     output; such a conv is a product of the k³ neighbourhoods (k³ columns) with the kernels, whose
     result is already channels-last.
     """
-    weight = conv.weight if weight is None else weight
+    weight, bias = conv.weight, conv.bias
     if (x.shape[1] != 1 or weight.shape[1] != 1 or conv.stride != (1, 1, 1) or x.shape[0] != 1
             or x.device.type != "cpu"):  # cuDNN handles one input channel well
         return F.conv3d(x, weight, bias, conv.stride, conv.padding)
@@ -100,13 +100,12 @@ class InferenceConvBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         block = self.block
         conv1, conv2 = block.conv1.conv, block.conv2.conv
-        if _exporting():
+        if exporting():
             return block(x)
-        y = F.leaky_relu_(_instance_norm_(_conv(conv1, x, bias=conv1.bias)), 0.01)
-        y = _instance_norm_(_conv(conv2, y, bias=conv2.bias))
+        y = F.leaky_relu_(_instance_norm_(_conv(conv1, x)), 0.01)
+        y = _instance_norm_(_conv(conv2, y))
         if block.residual:
-            y.add_(x if block.conv3 is None else _instance_norm_(_conv(block.conv3.conv, x,
-                                                                       bias=block.conv3.conv.bias)))
+            y.add_(x if block.conv3 is None else _instance_norm_(_conv(block.conv3.conv, x)))
         return F.leaky_relu_(y, 0.01)
 
 
@@ -116,13 +115,13 @@ def _parity_kernels(conv: Tensor, transposed: Tensor) -> Tensor:
     Fine voxel ``p = 2q + π`` of the conv (padding 1) of the upsampled map reads upsampled voxels
     ``p - 1 .. p + 1``, i.e. coarse voxels ``q + π - 1 .. q + π`` per axis (two, not three): a 2³
     conv over the coarse map padded by 1, whose output ``j = q + π`` is fine voxel ``2q + π``.
-    ``conv``: ``O × M × 3³``; ``transposed``: ``C × M × 2³`` → ``8·O × C × 2³`` (parities in
-    ``(πd, πh, πw)`` order).
+    ``conv``: ``O × M × 3³``; ``transposed``: ``C × M × 2³`` → ``8·O × C × 2³`` (in ``_PARITIES``
+    order; 5D, so that the network's move to channels-last reaches it).
     """
     out_channels, in_channels = conv.shape[0], transposed.shape[0]
     kernels = conv.new_zeros(2, 2, 2, out_channels, in_channels, 2, 2, 2)
-    for parity in torch.cartesian_prod(*[torch.arange(2)] * 3).tolist():
-        for tap in torch.cartesian_prod(*[torch.arange(3)] * 3).tolist():
+    for parity in _PARITIES:
+        for tap in product(range(3), repeat=3):
             shifted = [p + t - 1 for p, t in zip(parity, tap, strict=True)]  # upsampled offset from 2q
             sub = tuple(m % 2 for m in shifted)  # which output of the transposed conv
             coarse = tuple(m // 2 - p + 1 for m, p in zip(shifted, parity, strict=True))  # 0 or 1
@@ -153,26 +152,26 @@ class InferenceUpBlock(nn.Module):
         self.conv2 = inner.conv2.conv
         conv3 = inner.conv3.conv  # a residual block from 2·M to M channels always has one
         residual = conv3.weight[:, :width, 0, 0, 0]  # O × M
-        self.register_buffer("residual_transposed",
-                             torch.einsum("om,cmdhw->codhw", residual, transposed).contiguous())
+        # the 1×1 conv of up(x) at parity π: a 1×1 conv of x (8·O × C × 1³, in _PARITIES order)
+        parities = torch.einsum("om,cmdhw->dhwoc", residual, transposed)
+        self.register_buffer("residual_parities", parities.reshape(-1, transposed.shape[0], 1, 1, 1).contiguous())
         self.register_buffer("residual_skip", conv3.weight[:, width:].clone())
         self.register_buffer("conv3_bias", None if conv3.bias is None else conv3.bias.clone())
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        if _exporting():
+        if exporting():
             return self.block(x, skip)
         y = F.conv3d(skip, self.skip_kernel, self.conv1_bias, padding=1)
-        n, width = x.shape[2:], y.shape[1]
+        n = x.shape[2:]
         # one parity at a time: an eighth of the fine map in flight, not all eight
-        for index, (a, b, c) in enumerate(torch.cartesian_prod(*[torch.arange(2)] * 3).tolist()):
-            parity = F.conv3d(x, self.parity_kernels[index * width:(index + 1) * width], padding=1)
+        for kernel, (a, b, c) in zip(self.parity_kernels.unflatten(0, (8, -1)), _PARITIES, strict=True):
+            parity = F.conv3d(x, kernel, padding=1)
             y[:, :, a::2, b::2, c::2].add_(parity[:, :, a:a + n[0], b:b + n[1], c:c + n[2]])
         y = F.leaky_relu_(_instance_norm_(y), 0.01)
         y = _instance_norm_(self.conv2(y))
         residual = F.conv3d(skip, self.residual_skip, self.conv3_bias)
-        for a, b, c in torch.cartesian_prod(*[torch.arange(2)] * 3).tolist():  # the transposed conv, by parity
-            weight = self.residual_transposed[:, :, a, b, c].t()[..., None, None, None]
-            residual[:, :, a::2, b::2, c::2].add_(F.conv3d(x, weight.contiguous(memory_format=CHANNELS_LAST)))
+        for kernel, (a, b, c) in zip(self.residual_parities.unflatten(0, (8, -1)), _PARITIES, strict=True):
+            residual[:, :, a::2, b::2, c::2].add_(F.conv3d(x, kernel))
         y.add_(_instance_norm_(residual))
         return F.leaky_relu_(y, 0.01)
 
@@ -185,14 +184,14 @@ class _ChannelsLast(nn.Module):
         self.network = network.to(memory_format=CHANNELS_LAST)
 
     def forward(self, x: Tensor) -> Tensor:
-        if _exporting():
+        if exporting():
             return self.network(x)
         return self.network(x.contiguous(memory_format=CHANNELS_LAST)).contiguous()
 
 
 def _channel_norm(norm: ChannelNorm, x: Tensor) -> Tensor:
     """``ChannelNorm`` of a channels-last map: a layer norm over the last axis of a free view."""
-    if _exporting() or not x.is_contiguous(memory_format=CHANNELS_LAST):
+    if exporting() or not x.is_contiguous(memory_format=CHANNELS_LAST):
         return ChannelNorm.forward(norm, x)
     y = F.layer_norm(x.permute(0, 2, 3, 4, 1), (x.shape[1],), norm.weight, norm.bias, norm.eps)
     return y.permute(0, 4, 1, 2, 3)
@@ -217,6 +216,7 @@ def _swap_children(module: nn.Module) -> None:
             child.norm = nn.Identity()
         elif isinstance(child, UXBlock):
             child.dwconv = LargeKernelDepthwise(child.dwconv.weight, child.dwconv.bias)
+            _swap_children(child)  # its channel norm
         else:
             _swap_children(child)
 

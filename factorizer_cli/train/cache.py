@@ -98,20 +98,19 @@ class CaseCache:
              targets: Targets) -> CachedCase:
         """The cached case, preprocessing and storing it first if no complete entry exists."""
         entry = self.folder / f"{_safe(name)}-{case_key(files, label_file, card, targets)[:24]}"
-        cached = _open(entry)
-        if cached is None:
-            # Renamed whole once, damaged since (files deleted by hand): write it anew. Look again
-            # first: another run may have renamed a complete entry into place a moment ago.
+        # An entry appears only by rename, whole: one that exists but does not open was damaged since
+        # (files deleted by hand) and is written anew. Checking existence first means a complete entry
+        # another run renames into place meanwhile is never taken for a damaged one.
+        if entry.exists():
             cached = _open(entry)
             if cached is not None:
                 return cached
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            self._write(entry, data.load_case(name, files, label_file, card, targets))
-            cached = _open(entry)
-            if cached is None:  # renamed into place a moment ago: only a concurrent deletion gets here
-                raise OutputError(f"{entry}: the cache entry vanished as it was written; check that nothing "
-                                  "else cleans the training cache while a run uses it")
+            shutil.rmtree(entry, ignore_errors=True)
+        self._write(entry, data.load_case(name, files, label_file, card, targets))
+        cached = _open(entry)
+        if cached is None:  # renamed into place a moment ago: only a concurrent deletion gets here
+            raise OutputError(f"{entry}: the cache entry vanished as it was written; check that nothing "
+                              "else cleans the training cache while a run uses it")
         return cached
 
     def remove_stale_temporaries(self) -> int:

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..families import activate, build, full_resolution_logits
+from ..families import activate, build, full_resolution_logits, label_decisions
 from ..io.atomic import write_text_atomic
+from ..pipeline.metrics import dice
 from ..pipeline.sliding_window import sliding_window_inference
 from ..zoo.card import ModelCard
 from ..zoo.package import save_package
@@ -98,16 +99,13 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase
                 torch.from_numpy(image), card.roi,
                 lambda x: activate(full_resolution_logits(network, x), card.activation), overlap=card.overlap,
                 window_device=device, output_device="cpu")
+            decisions = label_decisions(probabilities[None], card.activation, card.threshold)[0].numpy()
             if targets.background is None:
-                above = probabilities.numpy() > card.threshold
-                masks = ((above[c], target[c]) for c in scored)
+                masks = ((decisions[c], target[c]) for c in scored)
             else:
-                winner = probabilities.argmax(0).numpy()
-                masks = ((winner == c, target[0] == c) for c in scored)
+                masks = ((decisions[0] == c, target[0] == c) for c in scored)
             for i, (predicted, truth) in enumerate(masks):
-                total = predicted.sum() + truth.sum()
-                both = np.logical_and(predicted, truth).sum()
-                scores[i] += 1.0 if total == 0 else 2 * both / total
+                scores[i] += dice(predicted, truth)
     network.train()
     return {name: round(float(s / len(cases)), 4) for name, s in zip(targets.scored, scores)}
 

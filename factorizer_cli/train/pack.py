@@ -11,12 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..zoo.card import ModelCard
-from ..zoo.package import ModelPackage, open_package, save_package, sha256_of
+from ..zoo.package import CARD_FILE, ModelPackage, open_package, save_package
 from .folds import SPLIT_FILE, Split
 
 # What training writes into a run's card; everything else must agree between the folds.
@@ -27,24 +24,15 @@ def _model_description(card: ModelCard) -> dict:
     return {k: v for k, v in card.to_dict().items() if k not in _PER_RUN}
 
 
+def _cross_validation(split: Split) -> tuple:
+    """What the folds of one cross-validation share: fold count, seed, stratification, cases."""
+    return split.folds, split.seed, split.stratify, sorted(split.training + split.validation)
+
+
 def _split_of(run: Path) -> Split | None:
     """The run's cross-validation split; ``None`` for a run trained without ``--folds``."""
     split = Split.load(run) if (run / SPLIT_FILE).is_file() else None
     return split if split is not None and split.folds else None
-
-
-def _weights(package: ModelPackage) -> list[dict]:
-    """The package's state dicts, each checked against the card's sha256 before it is read."""
-    state_dicts = []
-    for path, entry in zip(package.weight_files, package.card.weights):
-        if entry.get("sha256") and sha256_of(path) != entry["sha256"]:
-            raise CheckpointError(f"{path}: sha256 does not match its card; the run's package was changed "
-                                  "since training wrote it")
-        try:
-            state_dicts.append(load_file(path))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    return state_dicts
 
 
 def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best") -> ModelPackage:
@@ -53,17 +41,17 @@ def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best
     if not runs:
         raise ConfigError("no runs to pack; pass the run folders of factorizer train")
     out = Path(output)
-    if (out / "card.json").exists():
+    if (out / CARD_FILE).exists():
         raise ConfigError(f"{out}: holds a model package already; choose another output folder")
     packages: list[ModelPackage] = []
     for run in runs:
-        if not (run / which / "card.json").is_file():
+        if not (run / which / CARD_FILE).is_file():
             raise ConfigError(f"{run}: no {which}/ model package; pass the output folder of a factorizer train run")
         packages.append(open_package(run / which))
     reference = _model_description(packages[0].card)
     for run, package in zip(runs[1:], packages[1:]):
-        differing = sorted(k for k in set(reference) | set(_model_description(package.card))
-                           if reference.get(k) != _model_description(package.card).get(k))
+        described = _model_description(package.card)
+        differing = sorted(k for k in set(reference) | set(described) if reference.get(k) != described.get(k))
         if differing:
             raise ConfigError(f"{run}: trains another model than {runs[0]} (differs in {', '.join(differing)}); "
                               "pack runs of one card only")
@@ -78,9 +66,7 @@ def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best
     for run, package, split in zip(runs, packages, splits):
         record = {"run": run.name, **package.card.metrics}
         if split is not None:
-            same = (split.folds, split.seed, split.stratify, sorted(split.training + split.validation))
-            first = cross_validated[0]
-            if same != (first.folds, first.seed, first.stratify, sorted(first.training + first.validation)):
+            if _cross_validation(split) != _cross_validation(cross_validated[0]):
                 raise ConfigError(f"{run}: split by other settings or cases than {runs[0]} (folds, seed, "
                                   "stratification and cases must match); pack the runs of one cross-validation")
             if split.fold in seen:
@@ -98,5 +84,5 @@ def pack_runs(runs: Sequence[str | Path], output: str | Path, which: str = "best
         "description": f"An ensemble of {len(runs)} runs of factorizer train, averaged at inference.",
         "provenance": f"factorizer models pack {' '.join(r.name for r in runs)}",
     })
-    state_dicts = [weights for package in packages for weights in _weights(package)]
+    state_dicts = [weights for package in packages for _, weights in package.state_dicts()]
     return save_package(out, card, state_dicts)

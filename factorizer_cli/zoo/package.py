@@ -31,9 +31,9 @@ class ModelPackage:
     weight_files: tuple[Path, ...]
     root: Path
 
-    def load_networks(self, device: torch.device | str = "cpu") -> list[nn.Module]:
-        """One network per fold, weights verified and loaded, in eval mode on ``device``."""
-        networks = []
+    def state_dicts(self) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+        """Each fold's weight file and tensors, the file checked against the card's sha256 first."""
+        loaded = []
         for path, entry in zip(self.weight_files, self.card.weights):
             expected = entry.get("sha256")
             if expected and sha256_of(path) != expected:
@@ -41,11 +41,17 @@ class ModelPackage:
                     f"{path}: sha256 does not match the model card; the file is corrupt or was "
                     "replaced: download or import the model again"
                 )
-            network = build(dict(self.card.architecture))
             try:
-                state_dict = load_file(path)
+                loaded.append((path, load_file(path)))
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return loaded
+
+    def load_networks(self, device: torch.device | str = "cpu") -> list[nn.Module]:
+        """One network per fold, weights verified and loaded, in eval mode on ``device``."""
+        networks = []
+        for path, state_dict in self.state_dicts():
+            network = build(dict(self.card.architecture))
             load_state_dict_checked(network, state_dict, path)
             networks.append(network.eval().to(device))
         return networks
