@@ -13,7 +13,11 @@ and its max |Δp| is the telling column). For each model:
   time: median per window after a warm-up;
 - case: a BraTS-sized phantom (4 x 240x240x155, int16 .nii.gz) read to written through the Python
   API (``Segmenter.prepare``/``finish``, ``Segmentation.write``), on the CPU (reference), CUDA fp32
-  and fp16, and ONNX Runtime CUDA; agreement over the whole label map.
+  and fp16, and ONNX Runtime CUDA; agreement over the whole label map;
+- train step (seed network only: the BraTS 2023 bundle's size, 128³ crops): one optimizer step of
+  ``factorizer train``'s loss and AdamW on a batch of 2 random crops, CUDA fp32 / bf16 / fp16 (as
+  ``train --precision``), median seconds per step after a warm-up and peak GPU memory: the figures
+  the README's BraTS training time is estimated from.
 
 Peak GPU memory is ``torch.cuda.max_memory_allocated`` per row (PyTorch rows); for ONNX Runtime rows,
 which PyTorch cannot see, it is the drop of the device's free memory (``~``). A row that cannot run
@@ -60,6 +64,8 @@ from factorizer_cli.export import ExportOptions, export_onnx  # noqa: E402
 from factorizer_cli.families import build  # noqa: E402
 from factorizer_cli.phantom import MODALITIES, generate, write_case  # noqa: E402
 from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter  # noqa: E402
+from factorizer_cli.train.loss import deep_supervision_loss  # noqa: E402
+from factorizer_cli.train.precision import gradient_scaler, training_autocast  # noqa: E402
 from factorizer_cli.zoo.card import ModelCard  # noqa: E402
 from factorizer_cli.zoo.onnx_file import open_onnx  # noqa: E402
 from factorizer_cli.zoo.package import save_package  # noqa: E402
@@ -254,6 +260,40 @@ def torch_window_row(row: Row, package: Any, device: str, precision: str, window
     return outputs
 
 
+def train_step_row(row: Row, card: Any, device: str, precision: str, batch: int, steps: int) -> None:
+    """Seconds per training step (median of ``steps`` after one warm-up) and peak GPU memory."""
+    release()
+    place = torch.device(device)
+    torch.manual_seed(0)
+    network = build(dict(card.architecture)).to(place).train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    autocast, scaler = training_autocast(place, precision), gradient_scaler(place, precision)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(batch, len(card.modalities), *card.roi, generator=generator).to(place)
+    target = (torch.rand(batch, len(card.outputs), *card.roi, generator=generator) < 0.1).float().to(place)
+    times = []
+    for _ in range(steps + 1):
+        sync()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = deep_supervision_loss(network(image), target, card.activation)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        sync()
+        times.append(time.perf_counter() - start)
+    if not np.isfinite(float(loss)):
+        raise RuntimeError(f"the loss is {float(loss)}")
+    row.seconds = statistics.median(times[1:])
+    row.detail = {"loss": float(loss), "batch": batch}
+    if place.type == "cuda":
+        row.gpu_mib = torch.cuda.max_memory_allocated() / 2**20
+
+
 def onnx_segmenter(model: Any, device: str) -> Any:
     """A Segmenter running ``model`` in ONNX Runtime on ``device``; a provider it cannot have is a skip."""
     try:
@@ -436,6 +476,17 @@ def measure_model(rows: list[Row], name: str, package: Any, paths: Sequence[Path
         out = run_row(rows, r, budget, cuda, dry, [case_ref] + ([exported] if model == "onnx" else []), fn)
         if out is not None:
             compare_cases(r, case_ref, out)
+
+    if name != "seed":
+        return
+    # Training steps: the CUDA rows; a dry run checks the row itself on the CPU.
+    batch = 1 if dry else 2
+    check = f"train step {batch}x{roi}"
+    runtimes = [("cpu", "fp32")] if dry else [("cuda", p) for p in ("fp32", "bf16", "fp16")]
+    for device, precision in runtimes:
+        r = row(check, f"torch {device} {precision}")
+        run_row(rows, r, budget, cuda, dry, (),
+                lambda r=r, d=device, p=precision: train_step_row(r, card, d, p, batch, sizes.repeats))
 
 
 def render(rows: Sequence[Row]) -> str:

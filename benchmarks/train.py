@@ -1,5 +1,5 @@
 """Peak resident memory of ``factorizer train`` against the number of cases, and patches per second
-with 0 versus N DataLoader workers (CPU).
+with 0 versus N DataLoader workers and with 1 versus P training processes (``torchrun``, CPU).
 
 BraTS-sized phantoms (``factorizer phantom``'s generator at 240×240×155, 4 modalities, 1 mm) and the
 demo card. For each case count the same run (same steps, batch, workers, one validation case at
@@ -9,7 +9,9 @@ process and its DataLoader workers) every ``--interval`` s from ``/proc``: the p
 (shared pages of forked workers counted once per process: an upper bound) and of the summed PSS
 (shared pages split between the processes that map them). Throughput is patches (crops) per second
 of the training loop alone, from the run's own log (the ``seconds`` column starts after the cases are
-ready), with 0 and with ``--workers`` workers on the warm cache of the largest case count.
+ready), with 0 and with ``--workers`` workers on the warm cache of the largest case count, then with
+``--processes`` processes under ``torchrun`` (gloo), each with ``--batch-size / P`` crops and
+``--threads / P`` threads, so that the global batch and the cores used stay those of one process.
 
 Full size (the acceptance of issue 16: 8 vs 32 cases differ by < 15 %, under 4 GB with 2 workers):
 
@@ -110,12 +112,16 @@ class TreeMemory(threading.Thread):
             self.done.wait(self.interval)
 
 
-def train(data: Path, out: Path, cache: Path, args: argparse.Namespace, workers: int) -> dict:
-    """One ``factorizer train`` run in a fresh process: its peak tree memory and loop throughput."""
-    command = [sys.executable, "-m", "factorizer_cli.cli", "train", str(data), "--card", args.card, "-o", str(out),
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--validation-cases", "1",
-               "--validate-every", str(args.steps), "--checkpoint-every", str(args.steps), "--workers", str(workers),
-               "--cache", str(cache), "--threads", str(args.threads), "--device", "cpu", "--quiet"]
+def train(data: Path, out: Path, cache: Path, args: argparse.Namespace, workers: int, processes: int = 1) -> dict:
+    """One ``factorizer train`` run in a fresh process (or ``processes`` under ``torchrun``): its peak tree
+    memory and loop throughput."""
+    launcher = ["-m", "factorizer_cli"] if processes == 1 else \
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "factorizer_cli"]
+    command = [sys.executable, *launcher, "train", str(data), "--card", args.card, "-o", str(out),
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size // processes),
+               "--validation-cases", "1", "--validate-every", str(args.steps), "--checkpoint-every", str(args.steps),
+               "--workers", str(workers), "--cache", str(cache), "--threads", str(max(1, args.threads // processes)),
+               "--device", "cpu", "--quiet"]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     memory = TreeMemory(process.pid, args.interval)
@@ -128,10 +134,10 @@ def train(data: Path, out: Path, cache: Path, args: argparse.Namespace, workers:
     with open(out / "train-log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     loop_seconds = float(rows[-1]["seconds"])
-    return {"workers": workers, "wall_s": round(time.perf_counter() - start, 1), "loop_s": loop_seconds,
+    return {"workers": workers, "processes": processes, "wall_s": round(time.perf_counter() - start, 1), "loop_s": loop_seconds,
             "patches_per_s": round(args.steps * args.batch_size / max(loop_seconds, 1e-9), 3),
             "peak_tree_rss_gb": round(memory.peak_rss / 2**30, 3), "peak_tree_pss_gb": round(memory.peak_pss / 2**30, 3),
-            "processes": memory.peak_processes}
+            "tree_processes": memory.peak_processes}
 
 
 def main() -> None:
@@ -140,7 +146,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads of the training process")
+    parser.add_argument("--threads", type=int, default=2, help="PyTorch threads of the training process(es) in all")
+    parser.add_argument("--processes", type=int, default=2, help="training processes (torchrun) to compare with 1")
     parser.add_argument("--shape", type=int, nargs=3, default=list(BRATS_SHAPE), help="phantom grid (1 mm voxels)")
     parser.add_argument("--card", default="demo")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between memory samples")
@@ -149,6 +156,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.cases) < 2:
         parser.error("--cases: at least 2 (one trains, one validates)")
+    if args.batch_size % args.processes:
+        parser.error("--batch-size must divide among --processes (the same global batch on each side)")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -173,6 +182,15 @@ def main() -> None:
             throughput[workers] = result
             print(f"{workers} workers: {result['patches_per_s']:.2f} patches/s "
                   f"({args.steps} steps × {args.batch_size} patches in {result['loop_s']:.1f} s)", flush=True)
+        processes = {1: throughput[0]}
+        if args.processes > 1:
+            result = train(work / f"data-{largest}", work / f"run-processes-{args.processes}", work / f"cache-{largest}",
+                           args, 0, args.processes)
+            processes[args.processes] = result
+        for count, result in processes.items():
+            print(f"{count} process(es), {max(1, args.threads // count)} thread(s) each: "
+                  f"{result['patches_per_s']:.2f} patches/s, peak tree RSS {result['peak_tree_rss_gb']:.2f} GB",
+                  flush=True)
 
     small, large = min(args.cases), max(args.cases)
     summary = {}
@@ -190,7 +208,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "data"},
                                                "memory": memory, "growth": summary,
-                                               "throughput": {str(k): v for k, v in throughput.items()}}, indent=1))
+                                               "throughput": {str(k): v for k, v in throughput.items()},
+                                               "processes": {str(k): v for k, v in processes.items()}}, indent=1))
 
 
 if __name__ == "__main__":

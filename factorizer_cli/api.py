@@ -47,6 +47,7 @@ from .pipeline.preview import preview_background, write_preview
 from .pipeline.segment import InferenceOptions, Segmentation, Segmenter
 from .train import TrainConfig, TrainResult
 from .train import train as _train
+from .train.distributed import is_writer
 from .train.pack import pack_runs as _pack_runs
 from .zoo.card import ModelCard
 from .zoo.onnx_file import OnnxModel, is_onnx_path, open_onnx
@@ -68,7 +69,7 @@ __all__ = [
     "ExportOptions", "ExportedFile", "FetchedWeight", "InferenceOptions", "ModelCard", "OpenedModel",
     "Segmentation", "Segmenter", "TrainConfig", "TrainResult", "Verification", "WeightSource",
     "components_preview", "download_weights", "environment", "evaluate", "export_onnx", "family_title", "generate_phantoms",
-    "import_checkpoints", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
+    "import_checkpoints", "is_writer", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
     "plan_dataset", "remove_cached", "run_demo", "segment_case", "segment_dataset", "set_threads",
     "torch_version", "train", "verify_cached", "weight_sources", "zoo_models",
 ]
@@ -245,13 +246,15 @@ def generate_phantoms(out_dir: PathLike, cases: int, seed: int = 0,
 def train(data_dir: PathLike, card: PathLike | ModelCard, out_dir: PathLike, config: TrainConfig = TrainConfig(),
           *, resume: bool = False, device: str = "auto", on_step: Callable | None = None,
           on_case: Callable[[int, int], None] | None = None, workers: int = 0,
-          cache: PathLike | None = None) -> TrainResult:
+          cache: PathLike | None = None, on_validation: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train ``card``'s network on a labelled dataset folder into ``out_dir`` (``train.train``); cases are
     preprocessed once into ``cache`` (default ``FACTORIZER_HOME/train-cache``), batches made by
-    ``workers`` DataLoader processes (0: this one)."""
+    ``workers`` DataLoader processes (0: this one). Under ``torchrun`` each process runs this, process 0
+    writes and reports. ``on_step``, ``on_case`` (cases prepared) and ``on_validation`` (cases
+    validated) report progress."""
     card = card if isinstance(card, ModelCard) else load_card(card)
     return _train(data_dir, card, Path(out_dir), config, resume, resolve_device(device), on_step, on_case,
-                  workers=workers, cache_dir=cache)
+                  workers=workers, cache_dir=cache, validation_progress=on_validation)
 
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, *, regions: str = "auto", csv: PathLike | None = None,

@@ -52,7 +52,7 @@ def test_gpu_check_runs_on_the_cpu_with_dry_run(tmp_path):
             assert row["status"] == "ok", row
             assert row["seconds"] > 0
     by = {(r["check"].split()[0], r["model"], r["runtime"]): r for r in rows}
-    assert {"window", "case"} <= {k[0] for k in by}
+    assert {"window", "case", "train"} <= {k[0] for k in by}
     onnx_cpu = by[("window", "demo", "onnxruntime cpu fp32")]
     assert onnx_cpu["agreement_pct"] > 99.9 and onnx_cpu["max_abs_dp"] < 1e-4
 
@@ -111,7 +111,8 @@ def test_repuxnet_benchmark_runs_at_a_tiny_size(tmp_path):
 
 @pytest.mark.slow
 def test_train_benchmark_runs_at_a_tiny_size(tmp_path):
-    """Two small phantoms, two steps: the process-tree memory sampler and the throughput runs work."""
+    """Two small phantoms, two steps: the process-tree memory sampler and the throughput runs (workers,
+    and two processes under torchrun) work."""
     out = tmp_path / "train.json"
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "train.py"), "--cases", "2", "--steps", "2", "--shape", "64", "64", "48",
@@ -120,4 +121,5 @@ def test_train_benchmark_runs_at_a_tiny_size(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
     assert {"2-cold", "2-warm"} <= set(results["memory"])
-    assert all(run["peak_tree_rss_gb"] > 0 and run["processes"] >= 1 for run in results["memory"].values())
+    assert all(run["peak_tree_rss_gb"] > 0 and run["tree_processes"] >= 1 for run in results["memory"].values())
+    assert results["processes"]["2"]["processes"] == 2 and results["processes"]["2"]["patches_per_s"] > 0

@@ -214,3 +214,36 @@ def test_a_resumed_run_without_folds_keeps_its_validation_cases(tmp_path, monkey
     result = runner.invoke(app, [*run, "--resume"])
     assert result.exit_code == 0, result.output
     assert Split.load(tmp_path / "run") == before
+
+
+def test_five_trained_folds_pack_into_an_ensemble_that_segment_averages(tmp_path, monkeypatch):
+    """Five real fold runs of `factorizer train` on phantoms, `models pack`, then `segment` with the pack:
+    its probabilities are the mean of the five folds' own."""
+    import numpy as np
+
+    from factorizer_cli.pipeline.segment import Segmenter
+    from tests.test_train import tiny_card, write_dataset
+
+    monkeypatch.setenv("FACTORIZER_HOME", str(tmp_path / "home"))
+    data, card = write_dataset(tmp_path / "data", cases=5), tiny_card(tmp_path / "card.json")
+    runner = CliRunner()
+    for fold in range(5):
+        result = runner.invoke(app, ["train", str(data), "--card", str(card), "-o", str(tmp_path / f"fold{fold}"),
+                                     "--folds", "5", "--fold", str(fold), "--steps", "3", "--warmup-steps", "1",
+                                     "--validate-every", "3", "--quiet"])
+        assert result.exit_code == 0, result.output
+    runs = [str(tmp_path / f"fold{fold}") for fold in range(5)]
+    packed = runner.invoke(app, ["models", "pack", *runs, "-o", str(tmp_path / "ensemble")])
+    assert packed.exit_code == 0, packed.output
+    validated = {json.loads((tmp_path / f"fold{f}" / "split.json").read_text())["validation"][0] for f in range(5)}
+    assert len(validated) == 5  # each case validated in exactly one fold
+
+    case = sorted((data / "BraTS-GLI-00000-000").glob("*-t*"))
+    result = runner.invoke(app, ["segment", str(data / "BraTS-GLI-00000-000"), "-o", str(tmp_path / "seg.nii.gz"),
+                                 "--model", str(tmp_path / "ensemble"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "seg.nii.gz").is_file()
+    ensemble = Segmenter(open_package(tmp_path / "ensemble"))(case, keep_probabilities=True).probabilities
+    folds = [Segmenter(open_package(tmp_path / f"fold{f}" / "best"))(case, keep_probabilities=True).probabilities
+             for f in range(5)]
+    np.testing.assert_allclose(ensemble, np.mean(folds, axis=0), atol=1e-5)

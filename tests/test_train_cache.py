@@ -22,7 +22,7 @@ from factorizer_cli.io.atomic import _HOST
 from factorizer_cli.train import data
 from factorizer_cli.train.cache import CachedCase, CaseCache, default_cache_dir
 from factorizer_cli.train.data import find_training_cases, load_case, sample_batch, targets_of
-from factorizer_cli.train.loader import batch_of_step, step_batches
+from factorizer_cli.train.loader import Share, batch_of_step, step_batches
 from factorizer_cli.train.state import STATE_FILE
 from factorizer_cli.zoo.card import ModelCard
 from tests.test_train import tiny_card, with_spacing, write_dataset
@@ -197,18 +197,39 @@ def test_softmax_targets_pad_with_the_background_from_the_cache(tmp_path):
 def test_workers_make_the_batches_of_their_steps(tmp_path):
     card = ModelCard.load(tiny_card(tmp_path / "card.json"))
     cases = _cache_all(CaseCache(tmp_path / "cache"), write_dataset(tmp_path / "data", 3), card)
-    arguments = (cases, card.roi, 2, 0.5, 7)
+    arguments = (cases, card.roi, Share(2), 0.5, 7)
     alone = list(step_batches(*arguments, 0, 5, workers=0))
     pooled = list(step_batches(*arguments, 0, 5, workers=2))
     resumed = list(step_batches(*arguments, 3, 5, workers=2))  # a run resumed at step 3
     assert len(alone) == len(pooled) == 5 and len(resumed) == 2
     for step, (a, b) in enumerate(zip(alone, pooled)):
-        for x, y, z in zip(a, b, batch_of_step(*arguments, step)):
+        for x, y, z in zip(a, b, batch_of_step(cases, card.roi, range(2), 0.5, 7, step)):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
             torch.testing.assert_close(x, z, rtol=0, atol=0)
     for a, b in zip(alone[3:], resumed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(alone[0][0], alone[1][0])  # steps differ
+
+
+def test_processes_and_micro_batches_share_the_crops_of_one_global_batch(tmp_path):
+    """Batch 4 alone = batch 2 in each of 2 processes = batch 1 × 2 micro-batches × 2 processes."""
+    card = ModelCard.load(tiny_card(tmp_path / "card.json"))
+    cases = _cache_all(CaseCache(tmp_path / "cache"), write_dataset(tmp_path / "data", 3), card)
+
+    def crops(share: Share) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(step_batches(cases, card.roi, share, 0.5, 7, 0, 2))  # this process's micro-batches
+
+    alone = crops(Share(4))
+    two = [crops(Share(2, rank=r, processes=2)) for r in range(2)]
+    micro = [crops(Share(1, accumulate=2, rank=r, processes=2)) for r in range(2)]
+    assert len(alone) == 2 and len(two[0]) == 2 and len(micro[0]) == 4
+    for step in range(2):
+        for part in range(2):  # image, target
+            want = alone[step][part]
+            torch.testing.assert_close(torch.cat([two[0][step][part], two[1][step][part]]), want, rtol=0, atol=0)
+            mine = [micro[r][2 * step + a][part] for a in range(2) for r in range(2)]  # item order: (a·P + p)
+            torch.testing.assert_close(torch.cat(mine), want, rtol=0, atol=0)
+    assert not torch.equal(alone[0][0][0], alone[0][0][1])  # items of a step differ
 
 
 def test_zero_and_two_workers_train_alike(tmp_path):

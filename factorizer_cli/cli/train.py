@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,13 @@ import typer
 
 from . import app
 from .console import error_console, friendly_errors, progress_bar
+
+
+class TrainingPrecision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
 
 TRAIN_EXAMPLES = """
 **Examples**
@@ -23,6 +31,13 @@ Continue a run that was stopped or killed (same settings, same steps as an unint
     factorizer train data/phantoms --card demo -o runs/demo --resume
 
 Then segment with the best checkpoint: `factorizer segment CASE -o seg.nii.gz --model runs/demo/best`
+
+Two processes on this machine (gloo on CPUs, NCCL on GPUs; the same run as one process with
+--batch-size 4), or 4 GPUs on each of 2 machines (see examples/slurm-train.sh):
+
+    torchrun --nproc_per_node 2 -m factorizer_cli train data/phantoms --card demo -o runs/ddp --batch-size 2
+    torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m factorizer_cli train data/brats --card brats-factorizer -o runs/brats --precision bf16
 
 Five-fold cross-validation, then one ensemble that segment averages:
 
@@ -65,7 +80,13 @@ def train(
     out_dir: Annotated[Path, typer.Option("--output", "-o", help="Run folder: best/ and last/ model "
                                           "packages, train-log.csv, the resumable state.")],
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in all.")] = 1000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Crops per step.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Crops per micro-batch and process (the global batch: "
+                                            "this × --accumulate × processes).")] = 2,
+    accumulate: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step, their gradients "
+                                            "summed (a larger batch in the same memory).")] = 1,
+    precision: Annotated[TrainingPrecision, typer.Option(help="fp32, or mixed precision for the forward pass: "
+                                                         "bf16 (CPU or CUDA), fp16 (CUDA, with loss scaling).")
+                         ] = TrainingPrecision.fp32,
     learning_rate: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate.")] = 2e-3,
     weight_decay: Annotated[float, typer.Option(min=0.0)] = 1e-5,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up, then cosine decay.")] = 50,
@@ -106,25 +127,36 @@ def train(
     crash from its last saved state (`--resume`) and ends exactly where it would have (on the CPU; on
     a GPU up to the nondeterminism of its kernels). Each case is preprocessed once into an on-disk
     cache (`--cache`) and read back a crop at a time, so memory does not grow with the dataset;
-    `--workers N` makes the batches in N processes, without changing them. Cross-validation:
+    `--workers N` makes the batches in N processes, without changing them. Under `torchrun` the run is
+    shared by several processes or machines (DistributedDataParallel: gloo on CPUs, NCCL on GPUs), each
+    taking `--batch-size` crops of every step, process 0 writing; it trains as one process with the whole
+    batch would. `--accumulate K` sums K micro-batches' gradients per step; `--precision bf16` (CPU or
+    CUDA) or `fp16` (CUDA) trains in mixed precision. Cross-validation:
     `--folds 5 --fold 0` (then 1 .. 4, each in its own run folder) splits the cases the same way on every
     machine (saved in the run as split.json), optionally spreading a CSV column's values over the folds;
     `factorizer models pack RUN...` makes the fold runs one ensemble.
     """
-    from ..api import TrainConfig, set_threads
+    from ..api import TrainConfig, is_writer, set_threads
     from ..api import train as run_training
 
     set_threads(threads)
+    quiet = quiet or not is_writer()  # under torchrun, process 0 shows the progress
     config = TrainConfig(steps, batch_size, learning_rate, weight_decay, warmup_steps, foreground,
                          validation_cases, validate_every, checkpoint_every, seed, folds, fold,
-                         None if stratify is None else str(stratify), stratify_column)
+                         None if stratify is None else str(stratify), stratify_column, accumulate, precision.value)
     console = error_console()
     with progress_bar(quiet) as bar:
         loading = bar.add_task("preparing cases", total=None)
         training = bar.add_task("training", total=steps, visible=False)
+        validating = bar.add_task("validating", total=None, visible=False)
 
         def on_case(done: int, total: int) -> None:
             bar.update(loading, completed=done, total=total)
+
+        def on_validation(done: int, total: int) -> None:
+            if done == 1:
+                bar.reset(validating, total=total, visible=True)
+            bar.update(validating, completed=done, visible=done < total)
 
         def on_step(step: int, total: int, loss: float, validation: dict | None) -> None:
             bar.update(loading, visible=False)
@@ -135,7 +167,9 @@ def train(
                 console.print(f"step {step}: validation Dice {dice}", highlight=False)
 
         result = run_training(data_dir, card, out_dir, config, resume=resume, device=device, on_step=on_step,
-                              on_case=on_case, workers=workers, cache=cache)
+                              on_case=on_case, workers=workers, cache=cache, on_validation=on_validation)
+    if not is_writer():
+        return
     dice = "  ".join(f"{k} {v:.3f}" for k, v in result.validation.items())
     typer.echo(f"trained {result.steps} steps in {result.seconds / 60:.1f} min; last validation Dice {dice}; "
                f"best model: {out_dir / 'best'}")

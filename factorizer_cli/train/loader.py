@@ -1,15 +1,22 @@
 """The batches of a run, step by step, made in DataLoader workers or in the training process.
 
-The batch of step ``s`` is a pure function of ``(seed, s)``: its crops and augmentations are drawn
-from ``np.random.default_rng([seed, s])`` and nothing else. The loader is a map-style dataset over
-step numbers (from the step a run starts or resumes at), read in order; PyTorch hands item ``i`` to
-worker ``i mod N`` and returns the items in order, so any number of workers (0: in this process)
-yields the very batches of an uninterrupted single-process run, and ``--resume`` stays exact.
+Each crop of a step is a pure function of ``(seed, step, item)``: its case, position and augmentation
+are drawn from ``np.random.default_rng([seed, step, item])`` and nothing else, where ``item`` numbers
+the crops of the step's global batch (all micro-batches of all processes). A process makes only its
+own items: with ``P`` processes, ``A`` micro-batches per step and ``B`` crops per micro-batch, process
+``p`` makes items ``(a·P + p)·B .. (a·P + p + 1)·B - 1`` of micro-batch ``a``. So one process with
+batch 4 and two processes with batch 2 see the same crops, and a run resumed with other workers or
+another number of processes (same global batch) repeats the uninterrupted run.
+
+The loader is a map-style dataset over micro-batches (from the step a run starts or resumes at), read
+in order; PyTorch hands item ``i`` to worker ``i mod N`` and returns the items in order, so any number
+of workers (0: in this process) yields the same batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,38 +26,60 @@ from ..errors import FactorizerError, InputError
 from .data import TrainingCase, augment, sample_batch
 
 
-class StepBatches(Dataset):
-    """Item ``i``: the augmented ``(image, target)`` batch of step ``start + i``."""
+@dataclass(frozen=True)
+class Share:
+    """This process's part of every step: ``batch_size`` crops in each of ``accumulate`` micro-batches,
+    as process ``rank`` of ``processes``."""
 
-    def __init__(self, cases: Sequence[TrainingCase], roi: Sequence[int], batch_size: int,
+    batch_size: int
+    accumulate: int = 1
+    rank: int = 0
+    processes: int = 1
+
+    def items(self, micro_batch: int) -> range:
+        """The global item numbers of this process's crops in ``micro_batch`` of a step."""
+        first = (micro_batch * self.processes + self.rank) * self.batch_size
+        return range(first, first + self.batch_size)
+
+
+class StepBatches(Dataset):
+    """Item ``i``: the augmented ``(image, target)`` of micro-batch ``i mod A`` of step ``start + i // A``."""
+
+    def __init__(self, cases: Sequence[TrainingCase], roi: Sequence[int], share: Share,
                  foreground_fraction: float, seed: int, start: int, stop: int):
-        self.cases, self.roi, self.batch_size = list(cases), tuple(roi), batch_size
+        self.cases, self.roi, self.share = list(cases), tuple(roi), share
         self.foreground_fraction, self.seed, self.start, self.stop = foreground_fraction, seed, start, stop
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, self.stop - self.start) * self.share.accumulate
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_of_step(self.cases, self.roi, self.batch_size, self.foreground_fraction, self.seed,
-                             self.start + index)
+        step, micro_batch = divmod(index, self.share.accumulate)
+        return batch_of_step(self.cases, self.roi, self.share.items(micro_batch), self.foreground_fraction,
+                             self.seed, self.start + step)
 
 
-def batch_of_step(cases: Sequence[TrainingCase], roi: Sequence[int], batch_size: int, foreground_fraction: float,
-                  seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The crops and augmentations of ``step`` (the same wherever and whenever it is computed)."""
-    rng = np.random.default_rng([seed, step])
-    return augment(*sample_batch(cases, roi, batch_size, foreground_fraction, rng), rng)
+def batch_of_step(cases: Sequence[TrainingCase], roi: Sequence[int], items: Iterable[int],
+                  foreground_fraction: float, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crops ``items`` of ``step``, augmented (each the same wherever and whenever it is made)."""
+    crops = []
+    for item in items:
+        rng = np.random.default_rng([seed, step, item])
+        crops.append(augment(*sample_batch(cases, roi, 1, foreground_fraction, rng), rng))
+    images, targets = zip(*crops)
+    return torch.cat(images), torch.cat(targets)
 
 
-def step_batches(cases: Sequence[TrainingCase], roi: Sequence[int], batch_size: int, foreground_fraction: float,
+def step_batches(cases: Sequence[TrainingCase], roi: Sequence[int], share: Share, foreground_fraction: float,
                  seed: int, start: int, stop: int, workers: int = 0,
                  pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The batches of steps ``start .. stop - 1`` in order, made by ``workers`` processes (0: here).
+    """This process's micro-batches of steps ``start .. stop - 1`` in order, made by ``workers``
+    processes (0: here).
 
     The loader gets its own generator, so creating it leaves the global torch RNG (the one the loop
     seeds per step) untouched.
     """
-    dataset = StepBatches(cases, roi, batch_size, foreground_fraction, seed, start, stop)
+    dataset = StepBatches(cases, roi, share, foreground_fraction, seed, start, stop)
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(seed), persistent_workers=False,
                         prefetch_factor=2 if workers else None)

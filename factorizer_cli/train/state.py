@@ -30,6 +30,7 @@ class RunState:
     settings: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)  # one row per logged step
     best_dice: float = -1.0
+    scaler: dict[str, Any] | None = None  # fp16's gradient scaler (its scale and growth count)
 
 
 def save_state(folder: Path, network: nn.Module, optimizer: torch.optim.Optimizer, run: RunState) -> None:
@@ -40,7 +41,7 @@ def save_state(folder: Path, network: nn.Module, optimizer: torch.optim.Optimize
             tensors[f"opt.{index}.{key}"] = torch.as_tensor(value).detach().contiguous()
     metadata = {
         "run": json.dumps({"step": run.step, "settings": run.settings, "history": run.history,
-                           "best_dice": run.best_dice}),
+                           "best_dice": run.best_dice, "scaler": run.scaler}),
         "param_groups": json.dumps(optimizer_state["param_groups"]),
     }
     with atomic_path(folder / STATE_FILE) as tmp:
@@ -77,4 +78,4 @@ def load_state(folder: Path, network: nn.Module, optimizer: torch.optim.Optimize
             slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": json.loads(metadata["param_groups"])})
     run = json.loads(metadata["run"])
-    return RunState(run["step"], run["settings"], run["history"], run["best_dice"])
+    return RunState(run["step"], run["settings"], run["history"], run["best_dice"], run.get("scaler"))
