@@ -6,6 +6,8 @@
 #   sbatch --export=ALL,DATA_DIR=/data/brats2023,RUN_DIR=/scratch/runs/fold0,EXTRA="--folds 5 --fold 0" \
 #       examples/slurm-train.sh
 #
+# (batch 1 per GPU: 8 GPUs make a global batch of 8; add --learning-rate, --steps and the rest to EXTRA.)
+#
 # The global batch is --batch-size × GPUs per node × nodes (× --accumulate). The run folder and the
 # cache (FACTORIZER_HOME/train-cache, or --cache) must be on a file system every node sees. Requeued or
 # resubmitted after a failure or a time limit, the job continues from the run's last saved state
@@ -29,22 +31,27 @@ set -euo pipefail
 
 DATA_DIR=${DATA_DIR:?set DATA_DIR to the labelled dataset folder}
 RUN_DIR=${RUN_DIR:?set RUN_DIR to the run folder (on a shared file system)}
-CARD=${CARD:-brats-factorizer}
+CARD=${CARD:-examples/brats23-factorizer.json}
 GPUS_PER_NODE=${GPUS_PER_NODE:-4}      # as --gres=gpu:N
-EXTRA=${EXTRA:-}                       # more train options, e.g. "--steps 250000 --precision bf16"
+EXTRA=${EXTRA:-}                       # settings of a new run, e.g. "--folds 5 --fold 0 --steps 250000"
+RUN_OPTIONS=${RUN_OPTIONS:---workers 6} # how this job runs (kept on resume), e.g. "--workers 6 --cache /scratch/c"
 PREFIX=${PREFIX:-}                     # e.g. "apptainer exec --nv factorizer-cli.sif"
 
-# Continue the run if it has a saved state (after a requeue), else start it.
+# A new run takes its settings from EXTRA; a requeued one continues with the settings it started with
+# (--resume: EXTRA's settings are read back from the run's state, only RUN_OPTIONS apply again).
+# shellcheck disable=SC2206  # RUN_OPTIONS and EXTRA are lists of options
+options=(--card "${CARD}" ${RUN_OPTIONS})
 if [[ -f "${RUN_DIR}/train-state.safetensors" ]]; then
-    options=(--resume)
+    options+=(--resume)
 else
-    # shellcheck disable=SC2206  # EXTRA is a list of options
-    options=(--card "${CARD}" --batch-size 2 --workers 6 ${EXTRA})
+    # shellcheck disable=SC2206
+    options+=(--batch-size 1 ${EXTRA})
 fi
 
 head_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
+# One task per node, with the CPUs Slurm gave it (newer srun does not inherit --cpus-per-task).
 # shellcheck disable=SC2086  # PREFIX is a command with its arguments
-srun --kill-on-bad-exit=1 ${PREFIX} python -m torch.distributed.run \
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${PREFIX} python -m torch.distributed.run \
     --nnodes "${SLURM_JOB_NUM_NODES}" --nproc_per_node "${GPUS_PER_NODE}" \
     --rdzv-id "${SLURM_JOB_ID}" --rdzv-backend c10d --rdzv-endpoint "${head_node}:29500" \
     -m factorizer_cli train "${DATA_DIR}" -o "${RUN_DIR}" --device cuda "${options[@]}"

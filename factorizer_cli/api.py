@@ -47,7 +47,7 @@ from .pipeline.preview import preview_background, write_preview
 from .pipeline.segment import InferenceOptions, Segmentation, Segmenter
 from .train import TrainConfig, TrainResult
 from .train import train as _train
-from .train.distributed import is_writer
+from .train.distributed import is_writer, threads_per_process
 from .train.pack import pack_runs as _pack_runs
 from .zoo.card import ModelCard
 from .zoo.onnx_file import OnnxModel, is_onnx_path, open_onnx
@@ -71,7 +71,7 @@ __all__ = [
     "components_preview", "download_weights", "environment", "evaluate", "export_onnx", "family_title", "generate_phantoms",
     "import_checkpoints", "is_writer", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
     "plan_dataset", "remove_cached", "run_demo", "segment_case", "segment_dataset", "set_threads",
-    "torch_version", "train", "verify_cached", "weight_sources", "zoo_models",
+    "threads_per_process", "torch_version", "train", "verify_cached", "weight_sources", "zoo_models",
 ]
 
 BACKENDS = ("torch", "onnx")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import typer
 from typer.testing import CliRunner
 
 from factorizer_cli.api import TrainConfig
@@ -22,6 +24,7 @@ from factorizer_cli.api import train as run_training
 from factorizer_cli.cli import app
 from factorizer_cli.errors import ConfigError
 from factorizer_cli.train.loop import _per_process
+from factorizer_cli.train.precision import gradient_scaler
 from factorizer_cli.zoo.card import ModelCard
 from tests.test_train import TINY_ARCHITECTURE, _saved_step, tiny_card, write_dataset
 
@@ -74,6 +77,55 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path):
     assert finished.stdout.count("trained 20 steps") == 1  # one writer
     _assert_same_run(_log(tmp_path / "ddp"), alone.history)
     assert any("validation" in row for row in alone.history)
+
+
+def test_two_processes_accumulating_micro_batches_train_as_one(tmp_path):
+    """Batch 1 × 2 micro-batches in each of 2 processes (under no_sync but the last) = batch 2 × 2 alone:
+    the same crops in each micro-batch, the sigmoid Dice pooled over the processes."""
+    data, card = write_dataset(tmp_path / "data"), tiny_card(tmp_path / "card.json")
+    config = TrainConfig(steps=8, batch_size=2, accumulate=2, validation_cases=1, warmup_steps=2, validate_every=8,
+                         seed=3)
+    alone = run_training(data, card, tmp_path / "alone", config, device="cpu")
+    command = _torchrun(data, card, tmp_path / "ddp", 8, "--accumulate", "2", "--validate-every", "8")
+    command[command.index("--batch-size") + 1] = "1"
+    finished = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    _assert_same_run(_log(tmp_path / "ddp"), alone.history)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_one_process_run_resumes_under_torchrun_with_its_global_batch(tmp_path):
+    """Started alone with batch 4, crashed, resumed by 2 processes (batch 2 each): the uninterrupted run."""
+    data, card = write_dataset(tmp_path / "data"), tiny_card(tmp_path / "card.json")
+    whole = _one_process(data, card, tmp_path / "whole", 8, checkpoint_every=2)
+
+    def crash(step, total, loss, validation):
+        if step == 5:  # after the state of step 4 was saved
+            raise _Crash
+
+    config = TrainConfig(steps=8, batch_size=4, validation_cases=1, warmup_steps=2, validate_every=10, seed=3,
+                         checkpoint_every=2)
+    with pytest.raises(_Crash):
+        run_training(data, card, tmp_path / "crashed", config, device="cpu", on_step=crash)
+    resumed = subprocess.run(_torchrun(data, card, tmp_path / "crashed", 8, "--resume"), env=_environment(tmp_path),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_run(_log(tmp_path / "crashed"), whole.history)
+
+
+def test_the_fp16_loss_scale_is_saved_with_the_state(tmp_path):
+    from factorizer_cli.train.state import RunState, load_state, save_state
+
+    network = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(network.parameters())
+    scaler = {"scale": 8192.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 17}
+    save_state(tmp_path, network, optimizer, RunState(step=3, settings={"steps": 9}, scaler=scaler))
+    assert load_state(tmp_path, network, optimizer).scaler == scaler
+    assert gradient_scaler(torch.device("cpu"), "fp16", scaler).state_dict() == scaler  # what the loop restores
 
 
 @pytest.mark.slow
@@ -159,7 +211,8 @@ def test_the_slurm_training_example_starts_torchrun_on_every_node(tmp_path):
     run = tmp_path / "run"
     environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "DATA_DIR": "/data/brats", "RUN_DIR": str(run),
                    "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77",
-                   "EXTRA": "--folds 5 --fold 2 --precision bf16"}
+                   "EXTRA": "--folds 5 --fold 2 --precision bf16", "RUN_OPTIONS": "--workers 2 --cache /scratch/cache",
+                   "SLURM_CPUS_PER_TASK": "16"}
     script = Path(__file__).parents[1] / "examples" / "slurm-train.sh"
 
     def launched() -> list[str]:
@@ -167,20 +220,25 @@ def test_the_slurm_training_example_starts_torchrun_on_every_node(tmp_path):
         result = subprocess.run([bash, str(script)], env=environment, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         argv = log.read_text().splitlines()[:-1]
-        assert argv[:5] == ["srun", "--kill-on-bad-exit=1", "python", "-m", "torch.distributed.run"]
-        launcher = argv[5:argv.index("factorizer_cli")]
+        assert argv[:2] == ["srun", "--kill-on-bad-exit=1"] and argv[2] == "--cpus-per-task=16"
+        assert argv[3:6] == ["python", "-m", "torch.distributed.run"]
+        launcher = argv[6:argv.index("factorizer_cli")]
         assert launcher[launcher.index("--nnodes") + 1] == "2" and launcher[launcher.index("--nproc_per_node") + 1] == "4"
         assert launcher[launcher.index("--rdzv-endpoint") + 1] == "gpu-07:29500"
         command = argv[argv.index("factorizer_cli") + 1:]
         assert check_command(command) == ["train"] and command[1] == "/data/brats"
+        # the whole command line parses: required options present, values valid
+        typer.main.get_command(app).make_context("factorizer", command)
         return command
 
     started = launched()
-    assert started[started.index("--fold") + 1] == "2" and "--card" in started and "--resume" not in started
+    assert started[started.index("--fold") + 1] == "2" and "--resume" not in started
+    assert started[started.index("--cache") + 1] == "/scratch/cache"
     run.mkdir()
     (run / "train-state.safetensors").write_bytes(b"")
     resumed = launched()
-    assert "--resume" in resumed and "--card" not in resumed and "--fold" not in resumed
+    assert "--resume" in resumed and "--fold" not in resumed  # the run's own settings come back from its state
+    assert resumed[resumed.index("--cache") + 1] == "/scratch/cache"  # how the job runs is kept
 
 
 def test_the_readme_brats_training_commands_run_on_our_cli():

@@ -83,7 +83,8 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Crops per micro-batch and process (the global batch: "
                                             "this × --accumulate × processes).")] = 2,
     accumulate: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step, their gradients "
-                                            "summed (a larger batch in the same memory).")] = 1,
+                                            "summed: a larger batch in the same memory (the sigmoid Dice "
+                                            "still pools each micro-batch alone).")] = 1,
     precision: Annotated[TrainingPrecision, typer.Option(help="fp32, or mixed precision for the forward pass: "
                                                          "bf16 (CPU or CUDA), fp16 (CUDA, with loss scaling).")
                          ] = TrainingPrecision.fp32,
@@ -108,7 +109,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the output folder with the "
                                          "settings it started with (the options above are ignored).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda[:N] or mps.")] = "auto",
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for PyTorch.")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for PyTorch [default: all cores, "
+                                                "shared among the processes torchrun starts on a machine].")
+                       ] = None,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader processes that make the batches (0: this "
                                          "one); the batches are the same whatever the number.")] = 0,
     cache: Annotated[Path | None, typer.Option("--cache", file_okay=False, help="Folder of preprocessed cases, "
@@ -136,10 +139,10 @@ def train(
     machine (saved in the run as split.json), optionally spreading a CSV column's values over the folds;
     `factorizer models pack RUN...` makes the fold runs one ensemble.
     """
-    from ..api import TrainConfig, is_writer, set_threads
+    from ..api import TrainConfig, is_writer, set_threads, threads_per_process
     from ..api import train as run_training
 
-    set_threads(threads)
+    set_threads(threads or threads_per_process())
     quiet = quiet or not is_writer()  # under torchrun, process 0 shows the progress
     config = TrainConfig(steps, batch_size, learning_rate, weight_decay, warmup_steps, foreground,
                          validation_cases, validate_every, checkpoint_every, seed, folds, fold,

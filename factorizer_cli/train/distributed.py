@@ -33,6 +33,16 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def threads_per_process() -> int | None:
+    """CPU threads for each of the processes torchrun started on this machine: its cores shared out
+    (torchrun itself sets one thread per process); None outside torchrun (PyTorch's default)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local == 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // local) if hasattr(os, "sched_getaffinity") \
+        else max(1, (os.cpu_count() or 1) // local)
+
+
 def is_writer() -> bool:
     """Whether this process writes (process 0, or the only one): the others show no progress either."""
     return os.environ.get("RANK", "0") == "0"
@@ -76,6 +86,14 @@ class Processes:
         total = torch.tensor(values, dtype=torch.float64, device=self._device())
         dist.all_reduce(total)
         return total.tolist()
+
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        """Process 0's buffers (BatchNorm running statistics) in every process: on CPUs each process
+        updates its own, so before validating they are made one model again (on GPUs SyncBatchNorm
+        keeps them equal; this is then a no-op copy)."""
+        if self.count > 1:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
     def wait_for_preparation(self) -> None:
         """Wait until every process has prepared its share of the cases (hours, for a large dataset)."""

@@ -138,7 +138,8 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
     Started by ``torchrun``, the run is one of several processes (``distributed``): each takes its
     share of every step's crops (``config.batch_size`` per micro-batch), the gradients are averaged,
     and process 0 writes; a resumed run may have another number of processes if the global batch
-    divides among them.
+    divides among them. Random masks drawn inside the network (dropout, drop path: 0 in the zoo's
+    cards) come from the step's seed in each process, so with them a run depends on its process count.
     """
     if workers < 0:
         raise ConfigError(f"workers must be 0 (in this process) or more, got {workers}")
@@ -239,6 +240,7 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
                      "seconds": round(elapsed_before + time.perf_counter() - start, 1)}
         validating = bool(held_out) and (run.step % config.validate_every == 0 or run.step == config.steps)
         if validating:
+            processes.share_buffers(network)
             validation = validate(network, held_out, card, targets, processes,
                                   validation_progress if processes.writer else None)
             row["validation"] = validation
