@@ -17,7 +17,15 @@ from factorizer_cli.nn.large_kernel import (
     fold_batch_norm,
     trimmed_kernel,
 )
-from factorizer_cli.nn.uxnet_inference import CHANNELS_LAST, _conv, _instance_norm_, _moments
+from factorizer_cli.nn.uxnet_inference import (
+    CHANNELS_LAST,
+    _add_normalized_pointwise_,
+    _conv,
+    _conv_over_input,
+    _instance_norm_,
+    _moments,
+    _pointwise_over_input,
+)
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -95,10 +103,44 @@ def test_in_place_instance_norm_matches_pytorch_even_far_from_zero():
 
 
 def test_moments_cover_the_rows_beyond_the_last_chunk():
-    values = torch.randn(2**21 // 5 * 3 + 17, 5, generator=_generator(5), dtype=torch.float64) * 3 + 50
+    values = torch.randn(8192 * 3 + 17, 5, generator=_generator(5), dtype=torch.float64) * 3 + 50
     mean, variance = _moments(values.float())
     torch.testing.assert_close(mean.double(), values.mean(0), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(variance.double(), values.var(0, correction=0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth, slab", [(20, 8), (16, 8), (8, 8), (9, 4), (3, 8), (1, 8), (5, 1)])
+def test_a_conv_over_its_own_input_is_the_conv(depth, slab):
+    """Slabs written back one slab late: every slab reads its neighbours' inputs, never their outputs."""
+    g = _generator(7)
+    conv = nn.Conv3d(6, 6, 3, padding=1)
+    x = torch.randn(1, 6, depth, 7, 5, generator=g).contiguous(memory_format=CHANNELS_LAST)
+    with torch.no_grad():
+        expected = conv(x)
+        y = _conv_over_input(conv, x, slab)
+    assert y is x and y.is_contiguous(memory_format=CHANNELS_LAST)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_pointwise_conv_over_its_own_input_is_the_conv():
+    g = _generator(8)
+    weight, bias = torch.randn(6, 6, 1, 1, 1, generator=g), torch.randn(6, generator=g)
+    x = torch.randn(1, 6, 9, 10, 11, generator=g).contiguous(memory_format=CHANNELS_LAST)
+    expected = F.conv3d(x, weight, bias)
+    y = _pointwise_over_input(weight, bias, x, rows=64)  # several blocks and a short last one
+    assert y is x
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_normalized_one_channel_residual_needs_no_conv_output():
+    g = _generator(9)
+    conv = nn.Conv3d(1, 8, 1)
+    x = torch.randn(1, 1, 9, 10, 11, generator=g) * 4 + 30
+    y = torch.randn(1, 8, 9, 10, 11, generator=g).contiguous(memory_format=CHANNELS_LAST)
+    with torch.no_grad():
+        expected = y + F.instance_norm(conv(x), eps=1e-5)
+        _add_normalized_pointwise_(y, conv, x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel", [1, 3])

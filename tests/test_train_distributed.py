@@ -24,7 +24,7 @@ from factorizer_cli.api import train as run_training
 from factorizer_cli.cli import app
 from factorizer_cli.errors import ConfigError
 from factorizer_cli.train.loop import _per_process
-from factorizer_cli.train.precision import gradient_scaler
+from factorizer_cli.train.precision import cpu_has_native_bf16, gradient_scaler
 from factorizer_cli.zoo.card import ModelCard
 from tests.test_train import TINY_ARCHITECTURE, _saved_step, tiny_card, write_dataset
 
@@ -177,6 +177,7 @@ def test_accumulated_micro_batches_train_as_one_batch(tmp_path):
     assert micro.validation == pytest.approx(whole.validation, abs=2e-3)
 
 
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bfloat16 (bf16 training is refused)")
 def test_bf16_training_on_the_cpu_follows_fp32(tmp_path):
     data, card = write_dataset(tmp_path / "data"), tiny_card(tmp_path / "card.json")
     common = {"steps": 4, "validation_cases": 1, "warmup_steps": 2, "validate_every": 4, "batch_size": 2}
@@ -185,6 +186,14 @@ def test_bf16_training_on_the_cpu_follows_fp32(tmp_path):
     losses = [r["loss"] for r in mixed.history]
     assert np.isfinite(losses).all() and losses != [r["loss"] for r in full.history]  # bf16 did run
     np.testing.assert_allclose(losses, [r["loss"] for r in full.history], rtol=2e-2)
+
+
+def test_bf16_is_refused_on_a_cpu_without_it(tmp_path, monkeypatch):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--card", "demo", "-o", str(tmp_path / "run"),
+                                      "--device", "cpu", "--precision", "bf16"])
+    assert result.exit_code == 2 and "no native bfloat16" in result.output
 
 
 @pytest.mark.parametrize("precision, problem", [("fp16", "CUDA GPUs only"), ("fp8", "'fp8' is not one of")])

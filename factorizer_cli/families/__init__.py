@@ -5,7 +5,7 @@ what a family provides and README's developer section for a worked example.
 """
 
 # Importing a family's module registers it (order does not matter: classes are looked up at build time).
-from . import factorizer, layers, uxnet  # noqa: F401
+from . import factorizer, layers, spin, uxnet  # noqa: F401
 from .registry import (
     Family,
     Knob,

@@ -1,0 +1,355 @@
+"""SPiN: a 2D lesion segmenter that predicts at twice the input resolution and learns to come back.
+
+Wong et al., "Small Lesion Segmentation in Brain MRIs with Subpixel Embedding" (MICCAI BrainLes 2021;
+upstream alexklwong/subpixel-embedding-segmentation). Written here from the paper and the facts of
+upstream's network (its code is licensed for non-commercial use only and is not reused):
+
+- a *subpixel embedding*: a small residual encoder at full resolution, then a 1×1 conv and a pixel
+  shuffle to ``M`` maps at 2H×2W;
+- a ResNet-18/34 *segmentation encoder* (7×7 stride-2 stem, max-pool, four residual stages);
+- *subpixel guidance*: the embedding, brought by space-to-depth to chosen decoder resolutions
+  (0: 2H×2W, 1: H×W, 2: H/2, ...) and convolved, joins the encoder skips there;
+- a decoder of (legacy ``nearest`` resize → conv, concat skip → conv) blocks up to 2H×2W, a linear
+  3×3 head (``out2x``), and a *learnable downsampler*: space-to-depth of the 2H×2W features predicts,
+  per output pixel, softmax weights over its four subpixels of ``out2x`` (``out1x``).
+
+Constructor arguments are upstream's ``SPiNModel.__init__`` kwargs and parameter names are its five
+sub-modules' keys under their attribute names, so upstream's checkpoints load by key. Upstream builds a
+1×1 ``projection`` in every residual block but applies it only where the shapes change; the unused
+ones are kept so its state dicts fit exactly. Only the options of the published configuration and
+the alternatives its paper names (ResNet-34, the 7-layer embedding encoder) are accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputShapeError
+
+__all__ = ["SPiNModel"]
+
+_SLOPE = 0.1  # upstream's LeakyReLU slope everywhere
+_RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+_EMBEDDING_BLOCKS = {"resnet5_subpixel_embedding": 2, "resnet7_subpixel_embedding": 3}
+_INITIALIZERS = {
+    "kaiming_uniform": None,  # torch's default for convolutions, which upstream keeps
+    "kaiming_normal": nn.init.kaiming_normal_,
+    "xavier_normal": nn.init.xavier_normal_,
+    "xavier_uniform": nn.init.xavier_uniform_,
+}
+
+
+class ConvUnit(nn.Module):
+    """Bias-free conv ('same' padding), optional BatchNorm, optional LeakyReLU 0.1: upstream's unit.
+
+    Attribute names ``conv`` / ``batch_norm`` are upstream's, hence its state-dict keys.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, *,
+                 norm: bool = True, act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False)
+        self.batch_norm = nn.BatchNorm2d(out_channels) if norm else None
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.batch_norm is not None:
+            x = self.batch_norm(x)
+        return F.leaky_relu(x, _SLOPE) if self.act else x
+
+
+class ResidualBlock(nn.Module):
+    """Two 3×3 units, each activated, then the sum activated again (upstream's activation order).
+
+    The 1×1 ``projection`` carries the input only when the shapes differ, decided on the tensors as
+    upstream does; it exists in every block so upstream's keys all have a home.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = ConvUnit(in_channels, out_channels, 3, stride)
+        self.conv2 = ConvUnit(out_channels, out_channels, 3)
+        self.projection = ConvUnit(in_channels, out_channels, 1, stride, norm=False, act=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv2(self.conv1(x))
+        shortcut = self.projection(x) if x.shape[1:] != y.shape[1:] else x
+        return F.leaky_relu(y + shortcut, _SLOPE)
+
+
+def space_to_depth(x: Tensor, scale: int) -> Tensor:
+    """``(N, C, H, W) -> (N, C·s², H//s, W//s)``, channel order (c, row, col) like ``F.unfold``; a
+    remainder row or column is dropped, as upstream's unfold does."""
+    if scale == 1:
+        return x
+    h, w = (x.shape[-2] // scale) * scale, (x.shape[-1] // scale) * scale
+    return rearrange(x[..., :h, :w], "n c (h a) (w b) -> n (c a b) h w", a=scale, b=scale)
+
+
+class EmbeddingEncoder(nn.Module):
+    """5×5 unit, residual blocks, 3×3 unit; the first unit's output is added back (no activation)."""
+
+    def __init__(self, in_channels: int, filters: Sequence[int], n_blocks: int) -> None:
+        super().__init__()
+        self.conv0 = ConvUnit(in_channels, filters[0], 5)
+        self.blocks = nn.Sequential(*(ResidualBlock(filters[0] if i == 0 else filters[1], filters[1])
+                                      for i in range(n_blocks)))
+        self.conv1 = ConvUnit(filters[1], filters[2], 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv0(x)
+        return self.conv1(self.blocks(x)) + x
+
+
+class EmbeddingDecoder(nn.Module):
+    """1×1 unit to 4·F maps, pixel shuffle to F maps at 2H×2W, linear 3×3 to the embedding's M maps."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int) -> None:
+        super().__init__()
+        self.upsampling_blocks = nn.Sequential(ConvUnit(in_channels, 4 * width, 1), nn.PixelShuffle(2))
+        self.output = ConvUnit(width, out_channels, 3, norm=False, act=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output(self.upsampling_blocks(x))
+
+
+class SubpixelGuidance(nn.Module):
+    """The 2H×2W embedding at each guided resolution: space-to-depth by 2^r, a legacy ``nearest``
+    resize to the skip it joins (odd sizes), then its units (none when its width is 0)."""
+
+    def __init__(self, resolutions: Sequence[int], widths: Sequence[int], depths: Sequence[int],
+                 embedding_channels: int) -> None:
+        super().__init__()
+        self.scales = [2 ** r for r in resolutions]
+        self.conv_modules = nn.ModuleList()
+        for scale, width, depth in zip(self.scales, widths, depths):
+            channels = embedding_channels * scale ** 2
+            units = [ConvUnit(channels if i == 0 else width, width) for i in range(max(1, depth))]
+            self.conv_modules.append(nn.Sequential(*units) if width > 0 else nn.Identity())
+
+    def forward(self, embedding: Tensor, sizes: Sequence[Sequence[int]]) -> list[Tensor]:
+        out = []
+        for scale, convs, size in zip(self.scales, self.conv_modules, sizes):
+            x = F.interpolate(space_to_depth(embedding, scale), size=tuple(size), mode="nearest")
+            out.append(convs(x))
+        return out
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet-18/34 without the classifier: returns the 1/32 latent and the 1/2 … 1/16 skips."""
+
+    def __init__(self, in_channels: int, filters: Sequence[int], blocks: Sequence[int]) -> None:
+        super().__init__()
+        self.conv1 = ConvUnit(in_channels, filters[0], 7, 2)
+        self.max_pool = nn.MaxPool2d(3, 2, 1)
+        for stage, n in enumerate(blocks):
+            first_stride = 1 if stage == 0 else 2
+            layers = [ResidualBlock(filters[stage] if i == 0 else filters[stage + 1], filters[stage + 1],
+                                    first_stride if i == 0 else 1) for i in range(n)]
+            self.add_module(f"blocks{stage + 2}", nn.Sequential(*layers))
+        self.n_stages = len(blocks)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        skips = [self.conv1(x)]
+        x = self.max_pool(skips[0])
+        for stage in range(self.n_stages):
+            x = getattr(self, f"blocks{stage + 2}")(x)
+            skips.append(x)
+        return skips.pop(), skips
+
+
+class UpConv(nn.Module):
+    """Legacy ``nearest`` resize to the target size, then a unit (upstream's ``deconv.conv``)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = ConvUnit(in_channels, out_channels)
+
+    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+
+
+class DecoderBlock(nn.Module):
+    """Up to the skip's size (twice the input's without one), concatenate the skip, one unit."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.deconv = UpConv(in_channels, out_channels)
+        self.conv = ConvUnit(out_channels + skip_channels, out_channels)
+
+    def forward(self, x: Tensor, skip: Tensor | None) -> Tensor:
+        size = skip.shape[-2:] if skip is not None else (2 * x.shape[-2], 2 * x.shape[-1])
+        x = self.deconv(x, size)
+        return self.conv(x if skip is None else torch.cat([x, skip], 1))  # upstream's channel order
+
+
+class LearnableDownsampler(nn.Module):
+    """2H×2W → H×W: each output pixel is a softmax-weighted sum of its four subpixels of ``out2x``,
+    the weights predicted from the space-to-depth of the decoder's last features (bias-free, no norm)."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], kernel_sizes: Sequence[int]) -> None:
+        super().__init__()
+        channels = [4 * in_channels, *widths]
+        self.conv_block = nn.Sequential(*(ConvUnit(c, w, k, norm=False)
+                                          for c, w, k in zip(channels, widths, kernel_sizes)))
+        self.weights = ConvUnit(widths[-1], 4, 1, norm=False, act=False)
+
+    def forward(self, features: Tensor, out2x: Tensor) -> Tensor:
+        weights = self.weights(self.conv_block(space_to_depth(features, 2))).softmax(1)
+        subpixels = rearrange(space_to_depth(out2x, 2), "n (c k) h w -> n c k h w", k=4)
+        return (subpixels * weights.unsqueeze(1)).sum(2)
+
+
+class SegmentationDecoder(nn.Module):
+    """Six decoder blocks (1/32 → 2H×2W), the linear ``out2x`` head and the learnable downsampler."""
+
+    _NAMES = ("deconv4", "deconv3", "deconv2", "deconv1", "deconv0", "deconv_super_resolution")
+
+    def __init__(self, in_channels: int, filters: Sequence[int], skip_channels: Sequence[int],
+                 downsampler_widths: Sequence[int], downsampler_kernels: Sequence[int]) -> None:
+        super().__init__()
+        for name, c_in, c_skip, c_out in zip(self._NAMES, [in_channels, *filters], skip_channels, filters):
+            self.add_module(name, DecoderBlock(c_in, c_skip, c_out))
+        self.output = ConvUnit(filters[-1], 1, 3, norm=False, act=False)
+        self.learnable_downsampler = LearnableDownsampler(filters[-1], downsampler_widths, downsampler_kernels)
+
+    def forward(self, x: Tensor, skips: Sequence[Tensor | None]) -> list[Tensor]:
+        """``skips`` from coarse (1/16) to fine (2H×2W), one per block."""
+        for name, skip in zip(self._NAMES, skips):
+            x = getattr(self, name)(x, skip)
+        out2x = self.output(x)
+        return [out2x, self.learnable_downsampler(x, out2x)]
+
+
+def _one_of(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Upstream passes types as one-element lists (``["resnet18"]``); accept that or a bare string."""
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(items) != 1 or items[0] not in allowed:
+        raise ConfigError(f"SPiNModel: {name} must be one of {', '.join(allowed)} (as upstream's one-element "
+                          f"list), got {value!r}")
+    return items[0]
+
+
+def _ints(name: str, value: Any, length: int | None = None, minimum: int = 1) -> list[int]:
+    ok = (isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                   and v >= minimum for v in value)
+          and (length is None or len(value) == length) and len(value) > 0)
+    if not ok:
+        size = f"{length} " if length is not None else ""
+        raise ConfigError(f"SPiNModel: {name} must be a list of {size}whole numbers >= {minimum}, got {value!r}")
+    return list(value)
+
+
+def _positive(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"SPiNModel: {name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+class SPiNModel(nn.Module):
+    """The SPiN network; ``forward(x)`` of ``(N, input_channels, H, W)`` returns ``[out2x, out1x]``
+    logits, ``(N, 1, 2H, 2W)`` and ``(N, 1, H, W)``, as upstream does (``out1x`` is the prediction)."""
+
+    def __init__(
+        self,
+        input_channels: int,
+        encoder_type_subpixel_embedding: Sequence[str],
+        n_filters_encoder_subpixel_embedding: Sequence[int],
+        decoder_type_subpixel_embedding: Sequence[str],
+        output_channels_subpixel_embedding: int,
+        n_filter_decoder_subpixel_embedding: int,
+        output_func_subpixel_embedding: str,
+        encoder_type_segmentation: Sequence[str],
+        n_filters_encoder_segmentation: Sequence[int],
+        resolutions_subpixel_guidance: Sequence[int],
+        n_filters_subpixel_guidance: Sequence[int],
+        n_convolutions_subpixel_guidance: Sequence[int],
+        decoder_type_segmentation: Sequence[str],
+        n_filters_decoder_segmentation: Sequence[int],
+        n_filters_learnable_downsampler: Sequence[int],
+        kernel_sizes_learnable_downsampler: Sequence[int],
+        weight_initializer: str = "kaiming_uniform",
+        activation_func: str = "leaky_relu",
+        use_batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.input_channels = _positive("input_channels", input_channels)
+        embedding_blocks = _EMBEDDING_BLOCKS[_one_of(
+            "encoder_type_subpixel_embedding", encoder_type_subpixel_embedding, tuple(_EMBEDDING_BLOCKS))]
+        _one_of("decoder_type_subpixel_embedding", decoder_type_subpixel_embedding, ("subpixel",))
+        _one_of("output_func_subpixel_embedding", [output_func_subpixel_embedding], ("linear",))
+        resnet_blocks = _RESNET_BLOCKS[_one_of(
+            "encoder_type_segmentation", encoder_type_segmentation, tuple(_RESNET_BLOCKS))]
+        if sorted(decoder_type_segmentation or []) != ["learnable_downsampler", "subpixel_guidance"]:
+            raise ConfigError("SPiNModel: decoder_type_segmentation must be ['subpixel_guidance', "
+                              f"'learnable_downsampler'], got {decoder_type_segmentation!r}")
+        _one_of("weight_initializer", [weight_initializer], tuple(_INITIALIZERS))
+        _one_of("activation_func", [activation_func], ("leaky_relu",))
+        if use_batch_norm is not True:
+            raise ConfigError(f"SPiNModel: use_batch_norm must be true (as published), got {use_batch_norm!r}")
+
+        embed_filters = _ints("n_filters_encoder_subpixel_embedding", n_filters_encoder_subpixel_embedding, 3)
+        if embed_filters[2] != embed_filters[0]:
+            raise ConfigError("SPiNModel: n_filters_encoder_subpixel_embedding must end with its first width "
+                              f"(the first unit's output is added back), got {embed_filters}")
+        embedding = _positive("output_channels_subpixel_embedding", output_channels_subpixel_embedding)
+        seg_filters = _ints("n_filters_encoder_segmentation", n_filters_encoder_segmentation, 5)
+        dec_filters = _ints("n_filters_decoder_segmentation", n_filters_decoder_segmentation, 6)
+        resolutions = _ints("resolutions_subpixel_guidance", resolutions_subpixel_guidance, minimum=0)
+        n = len(resolutions)
+        if max(resolutions) > 5 or len(set(resolutions)) != n:
+            raise ConfigError("SPiNModel: resolutions_subpixel_guidance must be distinct, from 0 (2H×2W) to 5 "
+                              f"(1/16), got {resolutions}")
+        guide_widths = _ints("n_filters_subpixel_guidance", n_filters_subpixel_guidance, n, minimum=0)
+        guide_depths = _ints("n_convolutions_subpixel_guidance", n_convolutions_subpixel_guidance, n, minimum=0)
+        down_widths = _ints("n_filters_learnable_downsampler", n_filters_learnable_downsampler)
+        down_kernels = _ints("kernel_sizes_learnable_downsampler", kernel_sizes_learnable_downsampler,
+                             len(down_widths))
+        if any(k % 2 == 0 for k in down_kernels):
+            raise ConfigError(f"SPiNModel: kernel_sizes_learnable_downsampler must be odd, got {down_kernels}")
+
+        self.resolutions = resolutions
+        # skip channels per resolution (0: 2H×2W, 1: H×W, 2: H/2 … 5: H/16), encoder skips plus guidance
+        skip_channels = [0, 0, *seg_filters[:-1]]
+        for r, width in zip(resolutions, guide_widths):
+            skip_channels[r] += width if width > 0 else embedding * 4 ** r
+
+        self.encoder_subpixel_embedding = EmbeddingEncoder(input_channels, embed_filters, embedding_blocks)
+        self.decoder_subpixel_embedding = EmbeddingDecoder(
+            embed_filters[2], _positive("n_filter_decoder_subpixel_embedding", n_filter_decoder_subpixel_embedding),
+            embedding)
+        self.subpixel_guidance = SubpixelGuidance(resolutions, guide_widths, guide_depths, embedding)
+        self.encoder_segmentation = ResNetEncoder(input_channels, seg_filters, resnet_blocks)
+        self.decoder_segmentation = SegmentationDecoder(
+            seg_filters[-1], dec_filters, skip_channels[::-1], down_widths, down_kernels)
+
+        init = _INITIALIZERS[weight_initializer]
+        if init is not None:
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    init(module.weight)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if x.dim() == 5 and x.shape[2] == 1:  # upstream's loaders give N × C × 1 × H × W
+            x = x[:, :, 0]
+        if x.dim() != 4 or x.shape[1] != self.input_channels:
+            raise InputShapeError(f"SPiNModel takes (N, {self.input_channels}, H, W) slices, got {tuple(x.shape)}")
+        embedding = self.decoder_subpixel_embedding(self.encoder_subpixel_embedding(x))
+        latent, encoder_skips = self.encoder_segmentation(x)
+        skips: list[Tensor | None] = [None, None, *encoder_skips]  # index = resolution
+        sizes = [embedding.shape[-2:], x.shape[-2:]] + [s.shape[-2:] for s in encoder_skips]
+        guides = self.subpixel_guidance(embedding, [sizes[r] for r in self.resolutions])
+        for r, guide in zip(self.resolutions, guides):
+            skips[r] = guide if skips[r] is None else torch.cat([skips[r], guide], 1)
+        return self.decoder_segmentation(latent, skips[::-1])
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits at the input's resolution (``out1x``): what upstream thresholds and the pipeline uses."""
+        return self.forward(x)[1]
