@@ -48,6 +48,23 @@ def is_writer() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class _SummedOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward all-reduces the gradient: the gradient of a sum over processes
+    with respect to one process's term is the sum of every process's gradient of it."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, gradient: Tensor) -> Tensor:  # type: ignore[override]
+        total = gradient.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
 @dataclass(frozen=True)
 class Processes:
     """This process's place in the run (``rank`` of ``count``) and the collectives between them."""
@@ -67,9 +84,7 @@ class Processes:
         DistributedDataParallel averages the gradients, exactly the gradient of one process."""
         if self.count == 1:
             return tensor
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return _SummedOverProcesses.apply(tensor)
 
     def mean(self, value: float) -> float:
         """The mean of a number over the processes (a logged loss, the same on every process after)."""
