@@ -122,6 +122,16 @@ def test_a_conv_over_its_own_input_is_the_conv(depth, slab):
     torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_moments_stay_float32_under_autocast():
+    """Under autocast a BLAS sum would run in half precision (squares overflow fp16, bf16 keeps 3 digits)."""
+    values = torch.randn(8192 * 2 + 5, 4, generator=_generator(10), dtype=torch.float64) * 40 + 300
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mean, variance = _moments(values.float())
+    assert mean.dtype == variance.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), values.mean(0), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(variance.double(), values.var(0, correction=0), rtol=1e-4, atol=1e-3)
+
+
 def test_a_pointwise_conv_over_its_own_input_is_the_conv():
     g = _generator(8)
     weight, bias = torch.randn(6, 6, 1, 1, 1, generator=g), torch.randn(6, generator=g)

@@ -22,6 +22,7 @@ Under ONNX export every block computes the textbook way, whose operators exporte
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from itertools import product
 
 import torch
@@ -37,6 +38,11 @@ CHANNELS_LAST = torch.channels_last_3d
 _PARITIES = tuple(product((0, 1), repeat=3))  # (πd, πh, πw) of a fine voxel 2q + π, in this order
 
 
+def _autocast_off(device_type: str) -> AbstractContextManager:
+    """Autocast switched off where it is on (so that BLAS sums stay in float32), untouched elsewhere."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 def _moments(values: Tensor, rows: int = 8192) -> tuple[Tensor, Tensor]:
     """Mean and (biased) variance of each column of an ``n × C`` matrix, in float32, in one pass.
 
@@ -50,10 +56,11 @@ def _moments(values: Tensor, rows: int = 8192) -> tuple[Tensor, Tensor]:
     buffer = values.new_empty((min(rows, n), channels), dtype=torch.float32)
     ones = buffer.new_ones(buffer.shape[0])
     first, second = torch.zeros_like(shift), torch.zeros_like(shift)
-    for chunk in values.split(rows):
-        deviation = torch.sub(chunk, shift, out=buffer[:chunk.shape[0]])
-        first += ones[:chunk.shape[0]] @ deviation
-        second += ones[:chunk.shape[0]] @ deviation.square_()
+    with _autocast_off(values.device.type):  # sums of squares in half precision would overflow
+        for chunk in values.split(rows):
+            deviation = torch.sub(chunk, shift, out=buffer[:chunk.shape[0]])
+            first += ones[:chunk.shape[0]] @ deviation
+            second += ones[:chunk.shape[0]] @ deviation.square_()
     offset = first / n
     return shift + offset, second / n - offset.square()
 
@@ -134,13 +141,14 @@ def _pointwise_over_input(weight: Tensor, bias: Tensor | None, x: Tensor, rows: 
     matrix = weight.reshape(channels, channels).t()
     voxels = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # a view: channels-last is voxels × C
     buffer = x.new_empty((min(rows, voxels.shape[0]), channels))
-    for chunk in voxels.split(rows):
-        product = buffer[:chunk.shape[0]]
-        if bias is None:
-            torch.mm(chunk, matrix, out=product)
-        else:
-            torch.addmm(bias, chunk, matrix, out=product)
-        chunk.copy_(product)
+    with _autocast_off(x.device.type):  # the products land in x's own dtype
+        for chunk in voxels.split(rows):
+            product = buffer[:chunk.shape[0]]
+            if bias is None:
+                torch.mm(chunk, matrix.to(chunk.dtype), out=product)
+            else:
+                torch.addmm(bias.to(chunk.dtype), chunk, matrix.to(chunk.dtype), out=product)
+            chunk.copy_(product)
     return x
 
 
