@@ -162,3 +162,23 @@ def test_convs_from_one_channel_stay_channels_last(kernel):
         y = _conv(conv, x)
         torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=CHANNELS_LAST)
+
+
+@pytest.mark.parametrize("network", ["UXNET", "REPUXNET"])
+def test_the_inference_form_computes_the_network_without_fixtures(network):
+    """The whole prepared network (slabbed convs over their inputs, the skip used up, the one-channel
+    residual as a broadcast) against the training-form forward; 48³: the 12³ stage's 12 slices are one
+    full slab of 8 and a short one. Runs where ../shared is absent too."""
+    from factorizer_cli.families import build, family_of
+
+    config = {"class": network, "in_chans": 1, "out_chans": 3, "depths": [1, 1, 1, 1], "feat_size": [8, 8, 8, 8],
+              "hidden_size": 8, **({"ks": 7, "a": 1, "deploy": True} if network == "REPUXNET" else {})}
+    model = build(config).eval()
+    x = torch.rand(1, 1, 48, 48, 48, generator=_generator(11)) * 50 + 10
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():  # no norm may be an identity
+            if "norm" in name and name.endswith(("running_mean", "bias")):
+                tensor.normal_(0, 0.1, generator=_generator(12))
+        expected = model(x)
+        got = family_of(model).prepare(model)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

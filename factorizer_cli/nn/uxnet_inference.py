@@ -152,6 +152,11 @@ def _pointwise_over_input(weight: Tensor, bias: Tensor | None, x: Tensor, rows: 
     return x
 
 
+def _plain_pointwise(conv: nn.Conv3d) -> bool:
+    """A 1×1×1 conv of stride 1 without padding: a per-voxel linear map of the channels."""
+    return tuple(conv.weight.shape[2:]) == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.padding == (0, 0, 0)
+
+
 def _add_normalized_pointwise_(y: Tensor, conv: nn.Conv3d, x: Tensor, eps: float = 1e-5) -> Tensor:
     """``y += instance_norm(conv(x))`` for a 1×1 ``conv`` of a one-channel ``x``, without ``conv(x)``.
 
@@ -159,6 +164,7 @@ def _add_normalized_pointwise_(y: Tensor, conv: nn.Conv3d, x: Tensor, eps: float
     times ``x - mean(x)``, whatever ``b_c``: one broadcast multiply-add instead of a map-sized buffer.
     """
     mean, variance = _moments(x.reshape(-1, 1))
+    variance.clamp_(min=0)  # rounding may leave a constant input's variance just below 0
     weight = conv.weight.reshape(1, -1, 1, 1, 1).float()
     scale = weight * (weight.square() * variance + eps).rsqrt()
     return y.addcmul_((x - mean).to(y.dtype), scale.to(y.dtype))
@@ -187,7 +193,7 @@ class InferenceConvBlock(nn.Module):
         y = _instance_norm_(_conv_over_input(conv2, y) if _same_width_3x3x3(conv2, y) else _conv(conv2, y))
         if block.residual and block.conv3 is None:
             y.add_(x)
-        elif block.residual and x.shape[:2] == (1, 1) and block.conv3.conv.weight.shape[2:] == (1, 1, 1):
+        elif block.residual and x.shape[:2] == (1, 1) and _plain_pointwise(block.conv3.conv):
             _add_normalized_pointwise_(y, block.conv3.conv, x)
         elif block.residual:
             y.add_(_instance_norm_(_conv(block.conv3.conv, x)))
