@@ -39,8 +39,8 @@ def threads_per_process() -> int | None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local == 1:
         return None
-    return max(1, len(os.sched_getaffinity(0)) // local) if hasattr(os, "sched_getaffinity") \
-        else max(1, (os.cpu_count() or 1) // local)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local)
 
 
 def is_writer() -> bool:
@@ -88,11 +88,7 @@ class Processes:
 
     def mean(self, value: float) -> float:
         """The mean of a number over the processes (a logged loss, the same on every process after)."""
-        if self.count == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self._device())
-        dist.all_reduce(total)
-        return float(total.item()) / self.count
+        return value if self.count == 1 else self.sum_numbers([value])[0] / self.count
 
     def sum_numbers(self, values: list[float]) -> list[float]:
         """Element-wise sums of ``values`` over the processes (validation scores of each one's cases)."""

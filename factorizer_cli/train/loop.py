@@ -204,7 +204,7 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
     if processes.writer:
         out.mkdir(parents=True, exist_ok=True)
     validation = next((row["validation"] for row in reversed(run.history) if "validation" in row), {})
-    start, loss_value = time.perf_counter(), float("nan")
+    start = time.perf_counter()
     elapsed_before = run.history[-1]["seconds"] if run.history else 0.0
     share = Share(config.batch_size, config.accumulate, processes.rank, processes.count)
     batches = step_batches(training, card.roi, share, config.foreground_fraction, config.seed, run.step,
