@@ -37,7 +37,7 @@ Two processes on this machine (gloo on CPUs, NCCL on GPUs; the same run as one p
 
     torchrun --nproc_per_node 2 -m factorizer_cli train data/phantoms --card demo -o runs/ddp --batch-size 2
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m factorizer_cli train data/brats --card brats-factorizer -o runs/brats --precision bf16
+        -m factorizer_cli train data/brats --card examples/brats23-factorizer.json -o runs/brats --precision bf16
 
 Five-fold cross-validation, then one ensemble that segment averages:
 
