@@ -144,12 +144,17 @@ def test_two_shards_at_once_cover_every_case_once(tmp_path, model_dir):
     assert sorted(done) == sorted(p.name for p in data.iterdir())
 
 
+def _label_maps(out: Path) -> list[Path]:
+    """The finished label maps: a write in progress is a hidden temporary file, which pathlib's glob matches too."""
+    return [p for p in out.glob("*.nii.gz") if not p.name.startswith(".")]
+
+
 def _wait_for_first_output(out: Path, worker: subprocess.Popen, seconds: float = 120) -> None:
     """Until the first label map lands; fails the test on timeout or if the worker exits first."""
     deadline = time.monotonic() + seconds
     while True:
         exited = worker.poll() is not None  # asked before looking, so a last write before exit is seen
-        if out.exists() and list(out.glob("*.nii.gz")):
+        if out.exists() and _label_maps(out):
             return
         if exited:
             pytest.fail(f"the worker exited ({worker.returncode}) before writing a label map: "
@@ -164,7 +169,7 @@ def _wait_for_first_output(out: Path, worker: subprocess.Popen, seconds: float =
 def _no_partial_files(out: Path) -> None:
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers
-    for label_map in out.glob("*.nii.gz"):
+    for label_map in _label_maps(out):
         assert np.asarray(nib.load(label_map).dataobj).shape == (30, 32, 28)
 
 
@@ -176,13 +181,13 @@ def test_killed_batch_resumes_with_no_partial_output(tmp_path, model_dir):
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=60)
     assert worker.returncode == -signal.SIGKILL
-    for label_map in out.glob("*.nii.gz"):  # whatever is there is whole (a killed write is a hidden file)
+    for label_map in _label_maps(out):  # whatever is there is whole (a killed write is a hidden file)
         assert np.asarray(nib.load(label_map).dataobj).shape == (30, 32, 28)
     resumed = _segment_process(data, out, model_dir)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
     _no_partial_files(out)
     names = sorted(p.name for p in data.iterdir())
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == [f"{n}.nii.gz" for n in names]
+    assert sorted(p.name for p in _label_maps(out)) == [f"{n}.nii.gz" for n in names]
     for name in names:
         np.testing.assert_array_equal(np.asarray(nib.load(out / f"{name}.nii.gz").dataobj), expected)
 
@@ -198,7 +203,7 @@ def test_sigterm_stops_after_the_current_case(tmp_path, model_dir):
     assert summary["stopped"] is True
     _no_partial_files(out)
     done = [c for c in summary["cases"] if c["status"] == "done"]
-    assert 1 <= len(done) < 8 and len(list(out.glob("*.nii.gz"))) == len(done)
+    assert 1 <= len(done) < 8 and len(_label_maps(out)) == len(done)
 
 
 def test_a_case_whose_output_cannot_be_written_fails_alone(tmp_path, model_dir):
