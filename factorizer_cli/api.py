@@ -50,6 +50,7 @@ from .train import train as _train
 from .train.distributed import is_writer, threads_per_process
 from .train.pack import pack_runs as _pack_runs
 from .zoo.card import ModelCard
+from .zoo.license import LicenseTerms, acceptance_note, license_terms, require_accepted
 from .zoo.onnx_file import OnnxModel, is_onnx_path, open_onnx
 from .zoo.package import ModelPackage
 from .zoo.registry import zoo_card, zoo_names
@@ -66,10 +67,10 @@ from .zoo.weights import (
 
 __all__ = [
     "CasePlan", "CaseResult", "DatasetPlan", "DatasetReport", "DemoResult", "Environment", "Evaluation",
-    "ExportOptions", "ExportedFile", "FetchedWeight", "InferenceOptions", "ModelCard", "OpenedModel",
+    "ExportOptions", "ExportedFile", "FetchedWeight", "InferenceOptions", "LicenseTerms", "ModelCard", "OpenedModel",
     "Segmentation", "Segmenter", "TrainConfig", "TrainResult", "Verification", "WeightSource",
-    "components_preview", "download_weights", "environment", "evaluate", "export_onnx", "family_title", "generate_phantoms",
-    "import_checkpoints", "is_writer", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
+    "acceptance_note", "components_preview", "download_weights", "environment", "evaluate", "export_onnx", "family_title", "generate_phantoms",
+    "import_checkpoints", "is_writer", "license_terms", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
     "plan_dataset", "remove_cached", "run_demo", "segment_case", "segment_dataset", "set_threads",
     "threads_per_process", "torch_version", "train", "verify_cached", "weight_sources", "zoo_models",
 ]
@@ -94,11 +95,13 @@ class OpenedModel:
 
 
 def open_model(model: PathLike, *, card: PathLike | None = None, offline: bool = False,
-               backend: str | None = None) -> OpenedModel:
+               backend: str | None = None, accept_license: bool = False) -> OpenedModel:
     """Find ``model``: a zoo name, a model folder, ``hf://ORG/REPO[@REV]``, an upstream checkpoint with
     ``card``, or an ``.onnx`` file from ``export-onnx``. Weights are downloaded (unless ``offline``)
     and checked; no network is built yet. ``backend``: ``torch``, or ``onnx`` (the default for an
     ``.onnx`` file; a model package is then exported once into the cache by ``load_segmenter``).
+    A model whose licence is not permissive raises ``LicenseError`` before anything is fetched, unless
+    ``accept_license`` (or ``FACTORIZER_ACCEPT_LICENSE=1``).
     """
     if backend not in (None, *BACKENDS):
         raise ConfigError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
@@ -106,23 +109,25 @@ def open_model(model: PathLike, *, card: PathLike | None = None, offline: bool =
         if backend == "torch":
             raise ConfigError(f"backend 'torch' cannot run {model}; an .onnx model runs with --backend onnx, "
                               "a model package with torch or onnx")
-        return OpenedModel(open_onnx(model, card=load_card(card) if card else None), "onnx")
-    resolved = resolve_model(model, card=card, offline=offline)
+        graph = open_onnx(model, card=load_card(card) if card else None)
+        require_accepted(graph.card, accept_license)
+        return OpenedModel(graph, "onnx")
+    resolved = resolve_model(model, card=card, offline=offline, accept_license=accept_license)
     return OpenedModel(resolved.package, backend or "torch", resolved.unverified)
 
 
 def load_segmenter(model: PathLike | OpenedModel, *, card: PathLike | None = None, offline: bool = False,
-                   backend: str | None = None, **options: Any) -> Segmenter:
-    """A ``Segmenter`` for ``model``: anything ``open_model`` takes (with ``card``, ``offline`` and
-    ``backend`` as there), or what it returned.
+                   backend: str | None = None, accept_license: bool = False, **options: Any) -> Segmenter:
+    """A ``Segmenter`` for ``model``: anything ``open_model`` takes (with ``card``, ``offline``,
+    ``backend`` and ``accept_license`` as there), or what it returned.
 
     ``options`` are the fields of ``InferenceOptions``: ``overlap``, ``sw_batch_size``, ``tta``,
     ``device``, ``precision``, ``knobs`` (the family's, e.g. ``{"nmf_iters": 3}``), ``label_convention``,
     ``threads`` (ONNX Runtime's; PyTorch's: ``set_threads``). With the ``onnx`` backend a model package
     is exported once into the cache (``export.cached_onnx``) and that graph runs.
     """
-    opened = model if isinstance(model, OpenedModel) else open_model(model, card=card, offline=offline,
-                                                                       backend=backend)
+    opened = model if isinstance(model, OpenedModel) else open_model(
+        model, card=card, offline=offline, backend=backend, accept_license=accept_license)
     inference = InferenceOptions(**options)
     source = opened.source
     if opened.backend == "onnx" and isinstance(source, ModelPackage):
@@ -258,11 +263,13 @@ def train(data_dir: PathLike, card: PathLike | ModelCard, out_dir: PathLike, con
 
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, *, regions: str = "auto", csv: PathLike | None = None,
-             json: PathLike | None = None, progress: Callable[[int, int], None] | None = None) -> Evaluation:
+             json: PathLike | None = None, progress: Callable[[int, int], None] | None = None,
+             lesion_wise: bool = False) -> Evaluation:
     """Score a prediction folder against its ground truths; also write the CSV and JSON reports asked
-    for (their paths are checked before any scoring)."""
+    for (their paths are checked before any scoring). ``lesion_wise`` adds the lesion-by-lesion scores
+    of ``pipeline.lesions`` (stroke models)."""
     check_outputs([(path, "report") for path in (csv, json) if path is not None], [])
-    result = evaluate_folders(pred_dir, gt_dir, regions=regions, progress=progress)
+    result = evaluate_folders(pred_dir, gt_dir, regions=regions, progress=progress, lesion_wise=lesion_wise)
     if csv:
         result.write_csv(csv)
     if json:
@@ -273,13 +280,15 @@ def evaluate(pred_dir: PathLike, gt_dir: PathLike, *, regions: str = "auto", csv
 def export_onnx(model: PathLike | OpenedModel, output: PathLike, options: ExportOptions = ExportOptions(), *,
                 card: PathLike | None = None, offline: bool = False, verify: bool = True,
                 progress: Callable[[str], None] | None = None,
-                on_open: Callable[[ModelCard], None] | None = None) -> list[ExportedFile]:
+                on_open: Callable[[ModelCard], None] | None = None, accept_license: bool = False
+                ) -> list[ExportedFile]:
     """Export a model package to ONNX at ``output``, verified against PyTorch before it is written.
 
     ``output`` is checked before the model is opened; ``on_open(card)`` is called once it is.
     """
     check_outputs([(output, "onnx")], [])
-    opened = model if isinstance(model, OpenedModel) else open_model(model, card=card, offline=offline)
+    opened = model if isinstance(model, OpenedModel) else open_model(model, card=card, offline=offline,
+                                                                       accept_license=accept_license)
     if not isinstance(opened.source, ModelPackage):
         raise ConfigError(f"{opened.source.path} is an ONNX model already; export a zoo name, a model folder or "
                           "a checkpoint with --card")
@@ -313,12 +322,13 @@ def parameter_count(card: ModelCard) -> int:
 
 
 def download_weights(card: ModelCard, *, revision: str | None = None,
-                     progress: Callable[[str, int, int | None], None] | None = None
-                     ) -> list[tuple[WeightSource, FetchedWeight]]:
-    """Fetch a card's weights into the cache and check them; ``revision`` overrides hub revisions."""
+                     progress: Callable[[str, int, int | None], None] | None = None,
+                     accept_license: bool = False) -> list[tuple[WeightSource, FetchedWeight]]:
+    """Fetch a card's weights into the cache and check them; ``revision`` overrides hub revisions.
+    ``LicenseError`` first for a licence that is not permissive, unless ``accept_license``."""
     if revision:
         card = with_revision(card, revision)
-    fetched = fetch_weights(card, offline=False, progress=progress)
+    fetched = fetch_weights(card, offline=False, progress=progress, accept_license=accept_license)
     return list(zip(weight_sources(card), fetched))
 
 

@@ -46,5 +46,9 @@ class DownloadError(FactorizerError):
     """Weights that cannot be fetched (offline, network failure) or fail their checksum."""
 
 
+class LicenseError(FactorizerError):
+    """A model whose licence is not permissive, used without accepting it (``--accept-license``)."""
+
+
 class ExportError(FactorizerError):
     """An ONNX export that failed, or whose graph disagrees with PyTorch."""

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from factorizer_cli.cli import app
-from factorizer_cli.families import build
+from factorizer_cli.families import build, window_logits
 from factorizer_cli.zoo import open_package
 from factorizer_cli.zoo.card import ModelCard
 from factorizer_cli.zoo.registry import zoo_card, zoo_names
@@ -70,8 +70,9 @@ def test_every_zoo_card_builds_and_names_real_sources(name):
         if hasattr(network, "spatial_size"):  # sized at construction (Factorizer): the roi must be that size
             assert tuple(network.spatial_size) == tuple(card.roi)
         else:  # any size it can take: a window of the card's roi must give one output per voxel
+            slice_wise = card.preprocessing.slice_context is not None  # 2D: windows [H, W, 1]
             with torch.no_grad():
-                out = network(torch.empty(1, card.in_channels, *card.roi))
+                out = window_logits(network, torch.empty(1, card.in_channels, *card.roi), slice_wise)
             assert tuple(out.shape) == (1, len(card.outputs), *card.roi)
     assert card.weights, "a zoo card must list its weights"
     for entry in card.weights:

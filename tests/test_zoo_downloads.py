@@ -206,3 +206,84 @@ def test_card_names_cannot_escape_the_cache():
             ModelCard.from_dict({**card, "name": bad})
     with pytest.raises(Exception, match="plain file name"):
         ModelCard.from_dict({**card, "weights": [{"source": "url", "url": "https://x", "filename": "../x"}]})
+
+
+SPIN = FIXTURES.parent / "spin"  # ../shared/fixtures/spin, beside the Factorizer fixtures
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _zipped(server, member: str, sha256: str | None, filename: str = "spin.pth") -> dict:
+    """A weight entry for one file inside the served ``pretrained_models.zip``, as upstream SPiN publishes."""
+    return {"source": "url", "url": f"{server.url}/org/files/resolve/main/pretrained_models.zip",
+            "filename": filename, "member": member, "format": "SPiNModel.save_model", "sha256": sha256}
+
+
+def _spin_card(server, member: str, sha256: str | None) -> ModelCard:
+    """A small SPiN (the fixture's config) whose weights are one file inside a served zip."""
+    import inspect
+
+    from factorizer_cli.nn.spin import SPiNModel
+
+    meta = json.loads((SPIN / "spin_small_seed0.json").read_text())
+    kwargs = inspect.signature(SPiNModel).parameters
+    return ModelCard.from_dict({
+        "name": "zipped-spin", "task": "test", "inputs": [{"name": "t1n", "aliases": ["t1"]}],
+        "preprocessing": {"spacing": [1.0, 1.0, 1.0], "crop_foreground": None, "slice_context": 2,
+                          "normalization": {"kind": "fixed", "mean": 30.20063, "std": 35.221165}},
+        "roi": [197, 233, 1], "outputs": ["lesion"], "labels": [{"region": "lesion", "label": 1}],
+        "architecture": {k: v for k, v in meta.items() if k == "class" or k in kwargs},
+        "weights": [_zipped(server, member, sha256)],
+    })
+
+
+def test_weights_inside_a_zip_are_extracted_verified_and_converted_once(hub_server, factorizer_home):
+    if not (SPIN / "spin_small_seed0.pth").is_file():
+        pytest.skip(f"SPiN parity fixtures not found at {SPIN} (they sit beside the clone in CI; set "
+                    "FACTORIZER_FIXTURES to their sibling 'upstream' folder to run this test)")
+    checkpoint = (SPIN / "spin_small_seed0.pth").read_bytes()
+    archive = _zip({"pretrained_models/spin/spin_atlas_traintest.pth": checkpoint,
+                    "pretrained_models/u-net/unet_atlas_traintest.pth": b"another method's weights"})
+    hub_server.create_repo("org/files").add_commit({"pretrained_models.zip": archive})
+    # The member named by its tail below the folder the zip adds, as the atlas-spin card does.
+    card = _spin_card(hub_server, "spin/spin_atlas_traintest.pth", hashlib.sha256(checkpoint).hexdigest())
+    resolved = fetch_zoo_model(card)
+    assert resolved.unverified == (), "the card's sha256 is the extracted file's"
+    downloads = factorizer_home / "downloads" / "zipped-spin"
+    assert sorted(p.name for p in downloads.iterdir()) == ["spin.pth"], "the archive is deleted once extracted"
+    assert (downloads / "spin.pth").read_bytes() == checkpoint
+    assert cache.source_key(card.weights[0]).endswith("pretrained_models.zip#spin/spin_atlas_traintest.pth")
+    (network,) = resolved.package.load_networks()
+    io = load_file(SPIN / "spin_small_seed0.io.safetensors")
+    with torch.no_grad():
+        out2x, out1x = network(io["input"])
+    assert (out2x - io["output0"]).abs().max() <= 1e-4 and (out1x - io["output1"]).abs().max() <= 1e-4
+    hub_server.reset_log()
+    assert fetch_zoo_model(card).package.root == resolved.package.root
+    assert hub_server.requests == []
+
+
+def test_a_zip_without_the_member_is_refused_naming_what_it_holds(hub_server, factorizer_home):
+    archive = _zip({"pretrained_models/u-net/unet_atlas_traintest.pth": b"other",
+                    "pretrained_models/spin/README.txt": b"readme"})
+    hub_server.create_repo("org/files").add_commit({"pretrained_models.zip": archive})
+    entry = _zipped(hub_server, "spin/spin_atlas_traintest.pth", None)
+    with pytest.raises(DownloadError, match="no file 'spin/spin_atlas_traintest.pth'.*unet_atlas_traintest.pth"):
+        fetch(entry, "zipped-spin")
+    assert not any((factorizer_home / "downloads" / "zipped-spin").iterdir()), "nothing half-made is kept"
+
+
+def test_a_download_that_is_not_a_zip_is_refused_and_removed(hub_server, factorizer_home):
+    hub_server.create_repo("org/files").add_commit({"pretrained_models.zip": b"\x00 not a zip archive" * 100})
+    with pytest.raises(DownloadError, match="not a readable zip archive"):
+        fetch(_zipped(hub_server, "spin/spin_atlas_traintest.pth", None), "zipped-spin")
+    assert not any((factorizer_home / "downloads" / "zipped-spin").iterdir())

@@ -57,3 +57,7 @@ def friendly_errors(command: F) -> F:
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+ACCEPT_LICENSE_HELP = ("Accept the model's licence when it is not permissive, e.g. non-commercial "
+                       "(also: FACTORIZER_ACCEPT_LICENSE=1).")

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import ConfigError
 from . import app
-from .console import error_console, friendly_errors
+from .console import ACCEPT_LICENSE_HELP, error_console, friendly_errors
 
 if TYPE_CHECKING:
     from ..api import ExportedFile, ModelCard
@@ -67,6 +67,7 @@ def export_onnx_command(
     card: Annotated[str | None, typer.Option(
         help="Model card (JSON file or zoo name) for a checkpoint given as MODEL.", show_default=False)] = None,
     offline: Annotated[bool, typer.Option("--offline", help="Use only cached weights.")] = False,
+    accept_license: Annotated[bool, typer.Option("--accept-license", help=ACCEPT_LICENSE_HELP)] = False,
     verify: Annotated[bool, typer.Option(
         "--verify/--no-verify",
         help="Compare ONNX Runtime with PyTorch before writing: outputs within 1e-4 + 1e-3 × their largest "
@@ -94,7 +95,7 @@ def export_onnx_command(
 
     with console.status("exporting") as status:
         results = api.export_onnx(model, output, options, card=card, offline=offline, verify=verify,
-                                  progress=status.update, on_open=announce)
+                                  progress=status.update, on_open=announce, accept_license=accept_license)
     for r in results:
         typer.echo(f"{r.path}: {r.size_bytes / 2**20:.1f} MiB, {r.output}, exported in {r.seconds:.1f} s; "
                    + describe_verification(r))

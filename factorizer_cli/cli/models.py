@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from . import app
-from .console import error_console, friendly_errors
+from .console import ACCEPT_LICENSE_HELP, error_console, friendly_errors
 
 if TYPE_CHECKING:
     from ..api import ModelCard, WeightSource
@@ -23,6 +23,7 @@ models_app = typer.Typer(
 app.add_typer(models_app)
 
 OFFLINE = typer.Option("--offline", help="Use only the local cache (also: HF_HUB_OFFLINE=1).")
+RESTRICTED = "*"  # marks, in `models list`, a model whose licence must be accepted
 
 
 def _parameters(card: ModelCard) -> str:
@@ -44,18 +45,24 @@ def list_models() -> None:
     """The models that ship with factorizer-cli, and whether their weights are here.
 
     *verified*: every weight file has a sha256 in the card; *trusted*: hashes you recorded with
-    `factorizer models verify`; *no*: no published checksum yet.
+    `factorizer models verify`; *no*: no published checksum yet. A `*` after a name: its licence is
+    not permissive (e.g. non-commercial), and `models download` and `segment` need `--accept-license`.
     """
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("name", no_wrap=True)
     for column in ("task", "inputs", "params", "cached", "verified"):
         table.add_column(column, overflow="fold")
-    from ..api import weight_sources, zoo_models
+    from ..api import license_terms, weight_sources, zoo_models
 
+    restricted = False
     for card in zoo_models():
         cached, verified = _weight_state(weight_sources(card))
-        table.add_row(card.name, card.task, " ".join(m.name for m in card.modalities), _parameters(card),
-                      cached, verified)
+        marked = license_terms(card.license).needs_acceptance
+        restricted |= marked
+        table.add_row(card.name + (f" {RESTRICTED}" if marked else ""), card.task,
+                      " ".join(m.name for m in card.modalities), _parameters(card), cached, verified)
+    if restricted:
+        table.caption = f"{RESTRICTED} licence not permissive: use needs --accept-license"
     Console().print(table)
 
 
@@ -63,9 +70,10 @@ def list_models() -> None:
 @friendly_errors
 def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.")]) -> None:
     """Everything the card says about a model: inputs, geometry, outputs, labels, weights."""
-    from ..api import family_title, load_card, weight_sources
+    from ..api import family_title, license_terms, load_card, weight_sources
 
     card = load_card(name)
+    terms = license_terms(card.license)
     console = Console()
     console.print(f"[bold]{card.name}[/]: {card.task}")
     if card.description:
@@ -80,7 +88,8 @@ def info(name: Annotated[str, typer.Argument(help="Zoo name or a card JSON file.
                        else f"sigmoid, threshold {card.threshold:g}") + ")"),
         ("labels", ", ".join(f"{r.label}: {card.label_names.get(str(r.label), r.region)}" for r in card.labels)),
         ("parameters", _parameters(card)),
-        ("license", card.license),
+        ("license", card.license + ("\nnot permissive: `models download` and `segment` need --accept-license"
+                                    if terms.needs_acceptance else "")),
         ("citation", card.citation),
     ]
     table = Table(box=None, show_header=False, pad_edge=False)
@@ -107,12 +116,15 @@ def download(
     name: Annotated[str, typer.Argument(help="Zoo name (or a model card JSON file).")],
     revision: Annotated[str | None, typer.Option(
         help="Hub revision (commit, branch or tag) instead of the card's pinned one.")] = None,
+    accept_license: Annotated[bool, typer.Option("--accept-license", help=ACCEPT_LICENSE_HELP)] = False,
 ) -> None:
     """Download a model's weights into the cache and check their sha256.
 
+    A model whose licence is not permissive is refused unless you accept it (`--accept-license`).
+
     Example: `factorizer models download isles22-swin-factorizer`
     """
-    from ..api import download_weights, load_card
+    from ..api import acceptance_note, download_weights, load_card
 
     card = load_card(name)
     with _download_progress() as bar:
@@ -123,7 +135,10 @@ def download(
                 tasks[label] = bar.add_task(label, total=total)
             bar.update(tasks[label], completed=done, total=total)
 
-        fetched = download_weights(card, revision=revision, progress=progress)
+        fetched = download_weights(card, revision=revision, progress=progress, accept_license=accept_license)
+    note = acceptance_note(card)
+    if note:
+        error_console().print(f"[yellow]licence:[/] {note}", highlight=False)
     for source, weight in fetched:
         typer.echo(f"{source.key}: {weight.status}, sha256 {weight.sha256}")
 

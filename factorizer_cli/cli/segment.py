@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from . import app
-from .console import error_console, friendly_errors, progress_bar
+from .console import ACCEPT_LICENSE_HELP, error_console, friendly_errors, progress_bar
 
 if TYPE_CHECKING:
     from ..api import CaseResult, DatasetPlan, DatasetReport, Segmentation, Segmenter
@@ -102,6 +102,8 @@ def segment(
         rich_help_panel=IO_PANEL)] = None,
     offline: Annotated[bool, typer.Option(
         "--offline", help="Use only cached weights (also: HF_HUB_OFFLINE=1).", rich_help_panel=IO_PANEL)] = False,
+    accept_license: Annotated[bool, typer.Option(
+        "--accept-license", help=ACCEPT_LICENSE_HELP, rich_help_panel=IO_PANEL)] = False,
     overlap: Annotated[float | None, typer.Option(
         min=0.0, max=0.95, help="Sliding-window overlap (default: the model's, usually 0.5).",
         rich_help_panel=INFERENCE_PANEL)] = None,
@@ -172,7 +174,11 @@ def segment(
     from .. import api
 
     started = time.perf_counter()
-    opened = api.open_model(model, card=card, offline=offline, backend=backend.value if backend else None)
+    opened = api.open_model(model, card=card, offline=offline, backend=backend.value if backend else None,
+                            accept_license=accept_license)
+    note = api.acceptance_note(opened.card)
+    if note:
+        error_console().print(f"[yellow]licence:[/] {note}", highlight=False)
     for source in opened.unverified:
         error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
                               f"`factorizer models verify {opened.card.name}` records the hash you trust",

@@ -5,12 +5,13 @@ what a family provides and README's developer section for a worked example.
 """
 
 # Importing a family's module registers it (order does not matter: classes are looked up at build time).
-from . import factorizer, layers, spin, uxnet  # noqa: F401
+from . import factorizer, genesis, layers, spin, uxnet  # noqa: F401
 from .registry import (
     Family,
     Knob,
     LogitsModule,
     SliceWindow,
+    TrainingView,
     UpstreamFormat,
     activate,
     all_classes,
@@ -27,7 +28,8 @@ from .registry import (
 )
 
 __all__ = [
-    "Family", "Knob", "SliceWindow", "activate", "label_decisions", "LogitsModule", "UpstreamFormat", "all_classes", "build",
+    "Family", "Knob", "SliceWindow", "TrainingView", "activate", "label_decisions", "LogitsModule", "UpstreamFormat",
+    "all_classes", "build",
     "family_of", "full_resolution_logits", "read_upstream", "register",
     "resolve", "unregister", "upstream_config", "window_logits",
 ]

@@ -11,7 +11,9 @@ module (``factorizer_cli/families/<family>.py``) and nowhere else:
 - ``prepare``: what turns a trained module into its inference form (e.g. a re-parameterisation);
 - ``export_module``: the module the ONNX exporter traces (default: the prepared network's
   full-resolution logits);
-- ``components``: where interpretable component maps can be recorded (default: none, refused).
+- ``components``: where interpretable component maps can be recorded (default: none, refused);
+- ``training_heads``: the outputs training supervises (default: everything ``forward`` returns, the
+  full-resolution head first, deep-supervision heads after it).
 
 A description is data: only registered classes can be built, never an arbitrary callable.
 """
@@ -109,6 +111,29 @@ class SliceWindow(nn.Module):
         return window_logits(self.module, x, slice_wise=True)
 
 
+def all_heads(network: nn.Module, x: Tensor) -> Tensor | Sequence[Tensor]:
+    return network(x)
+
+
+class TrainingView(nn.Module):
+    """What training calls (and DistributedDataParallel wraps): the family's training heads for windows
+    ``(B, C, *roi)``; a slice-wise 2D network sees ``(B, C, H, W)`` and its heads get the slice axis back."""
+
+    def __init__(self, network: nn.Module, slice_wise: bool = False) -> None:
+        super().__init__()
+        self.network = network
+        self.slice_wise = slice_wise
+        self.heads = family_of(network).training_heads
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if not self.slice_wise:
+            return self.heads(self.network, x)
+        heads = self.heads(self.network, x[..., 0])
+        if isinstance(heads, Tensor):
+            return heads.unsqueeze(-1)
+        return [head.unsqueeze(-1) for head in heads]
+
+
 class LogitsModule(nn.Module):
     """A network seen as ``x -> full-resolution logits``: the default module a family exports."""
 
@@ -130,6 +155,7 @@ class Family:
     prepare: Callable[[nn.Module], nn.Module] = _unchanged
     export_module: Callable[[nn.Module], nn.Module] = LogitsModule
     components: ComponentCapture | None = None  # (network, block names) -> context yielding recorders
+    training_heads: Callable[[nn.Module, Tensor], Tensor | Sequence[Tensor]] = all_heads
 
     def set_knobs(self, network: nn.Module, knobs: Mapping[str, int]) -> None:
         """Apply inference knobs; one the family does not have is a ``ConfigError`` naming the option."""

@@ -1,9 +1,10 @@
 """The SPiN family (alexklwong/subpixel-embedding-segmentation): 2D lesion segmentation with a subpixel
 embedding, run slice by slice (``nn.spin``).
 
-Registers ``SPiNModel`` (upstream's class and argument names) and upstream's checkpoint format. No
-knobs, no component maps; the exported module is the default (``predict``: ``out1x``, the logits at
-the input's resolution, which upstream thresholds).
+Registers ``SPiNModel`` (upstream's class and argument names), upstream's checkpoint format and the
+inference form (``nn.spin_inference``: BatchNorm folded, channels-last). No knobs, no component maps;
+the exported module is the default (``predict``: ``out1x``, the logits at the input's resolution,
+which upstream thresholds); training supervises ``out1x`` alone, as upstream's loss does.
 
 Upstream checkpoint format (``SPiNModel.save_model``): one dict with ``train_step``,
 ``optimizer_state_dict`` and five sub-module state dicts, ``<module>_state_dict``, whose keys are
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..nn.spin import SPiNModel
+from ..nn.spin_inference import fuse_for_inference
 from .registry import Family, UpstreamFormat, register
 
 MODULES = ("encoder_subpixel_embedding", "decoder_subpixel_embedding", "subpixel_guidance",
@@ -53,4 +55,6 @@ FAMILY = register(Family(
     title="SPiN (subpixel embedding)",
     classes={"SPiNModel": SPiNModel},
     upstream=(UpstreamFormat("SPiNModel.save_model (five *_state_dict)", _is_spin_checkpoint, _state_dict),),
+    prepare=fuse_for_inference,
+    training_heads=lambda network, x: network.predict(x),  # out1x, as upstream's loss (not out2x)
 ))

@@ -4,8 +4,9 @@ Each step is a pure function returning its result and a record; the records, las
 the ``Inverse`` that takes anything computed on the network's grid (probabilities, labels, NMF maps)
 back onto the voxels of the reference input, so nothing lands in the wrong place::
 
-    co-grid (onto the first modality) → reorient to RAS → crop to the foreground → resample to the
-    model spacing → normalize intensities → (slice-wise models) neighbouring slices as channels
+    co-grid (onto the first modality) → (atlas models) register to the template → reorient to RAS →
+    crop to the foreground → resample to the model spacing → normalize intensities → (slice-wise
+    models) neighbouring slices as channels
 
 The card's ``Preprocessing`` says which of these run and how. Each geometric step is a record that
 can ``apply`` itself (to a label map, for training) and ``invert`` itself (for the outputs). The
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..atlas.registration import Registration, match_template_scale
 from ..errors import InputError
 from ..io import geometry
 from ..io.images import Image, check_image
@@ -78,7 +80,7 @@ class Resampling:
         return geometry.resample_linear(array, self.shape)
 
 
-Step = Reorientation | Crop | Resampling
+Step = Reorientation | Crop | Resampling | Registration
 
 
 @dataclass
@@ -221,6 +223,15 @@ def preprocess(images: Sequence[Image], steps: Preprocessing) -> Prepared:
     volumes, notes = co_grid(images)
     inverse = Inverse()
     array, affine = np.stack(volumes).astype(np.float32, copy=False), reference.affine
+
+    if steps.register is not None:  # every modality moves with the reference's transform
+        step = Registration.fit(reference, steps.register)
+        inverse.steps.append(step)
+        array, factors = match_template_scale(step.apply(array), steps.register,
+                                              [str(image.path) for image in images])
+        affine = step.template_affine
+        notes.append(f"registered {reference.path.name} to {steps.register} (affine); intensities scaled by "
+                     + ", ".join(f"{f:.3g}" for f in factors))
 
     if steps.orientation == "RAS":
         step, affine = Reorientation.fit(affine, array.shape[1:])

@@ -119,7 +119,8 @@ class Segmenter:
         """Probabilities on the network grid (channels first); ``capture`` also gets its maps blended."""
         predictor = self.predict_window if capture is None else capture.wrap(self.predict_window)
         if self.options.tta:
-            predictor = mirror_tta(predictor, spatial_dims=len(self.card.roi))
+            slice_wise = self.card.preprocessing.slice_context is not None
+            predictor = mirror_tta(predictor, spatial_dims=len(self.card.roi), mirrored_dims=2 if slice_wise else None)
         overlap = self.card.overlap if self.options.overlap is None else self.options.overlap
         with torch.inference_mode():
             image = torch.from_numpy(prepared.array)

@@ -157,16 +157,20 @@ def sliding_window_inference(
     return tuple(outputs) if several else outputs[0]
 
 
-def mirror_tta(predictor: Predictor, spatial_dims: int = 3) -> Predictor:
-    """Wrap ``predictor`` to average over all 2**spatial_dims flips of the spatial axes (nnU-Net).
+def mirror_tta(predictor: Predictor, spatial_dims: int = 3, mirrored_dims: int | None = None) -> Predictor:
+    """Wrap ``predictor`` to average over all flips of the first ``mirrored_dims`` spatial axes (all by
+    default: 2**spatial_dims predictions, as nnU-Net). A slice-wise model mirrors in-plane only (2):
+    its window's slice axis has one voxel, the neighbouring slices being channels.
 
     Each flipped input's prediction is flipped back before averaging; the average is float32. A
     predictor returning a tuple of tensors gives a tuple, each averaged so.
     """
-    if spatial_dims < 1:
-        raise ConfigError(f"spatial_dims must be at least 1, got {spatial_dims}")
-    axes = range(2, 2 + spatial_dims)
-    flips = [dims for k in range(spatial_dims + 1) for dims in itertools.combinations(axes, k)]
+    mirrored_dims = spatial_dims if mirrored_dims is None else mirrored_dims
+    if spatial_dims < 1 or not 1 <= mirrored_dims <= spatial_dims:
+        raise ConfigError(f"spatial_dims must be at least 1 and mirrored_dims in 1..spatial_dims, got "
+                          f"{spatial_dims}, {mirrored_dims}")
+    axes = range(2, 2 + mirrored_dims)
+    flips = [dims for k in range(mirrored_dims + 1) for dims in itertools.combinations(axes, k)]
 
     def mirrored(x: Tensor) -> Tensor:
         if x.ndim != spatial_dims + 2:

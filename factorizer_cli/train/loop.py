@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..families import activate, build, full_resolution_logits, label_decisions
+from ..families import TrainingView, activate, build, label_decisions, window_logits
 from ..io.atomic import write_text_atomic
 from ..pipeline.metrics import dice
 from ..pipeline.sliding_window import sliding_window_inference
@@ -98,6 +98,7 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase
     validation cases, on the model's grid (whole volumes, read one case at a time). With several
     processes each scores every ``count``-th case and the sums are shared, so all get the same means."""
     targets = targets or targets_of(card)
+    slice_wise = card.preprocessing.slice_context is not None
     network.eval()
     scored = [c for c in range(len(card.outputs)) if c != targets.background]
     scores = np.zeros(len(scored))
@@ -108,7 +109,7 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase
             image, target = np.array(case.image), np.array(case.target)  # in memory for this case only
             probabilities = sliding_window_inference(
                 torch.from_numpy(image), card.roi,
-                lambda x: activate(full_resolution_logits(network, x), card.activation), overlap=card.overlap,
+                lambda x: activate(window_logits(network, x, slice_wise), card.activation), overlap=card.overlap,
                 window_device=device, output_device="cpu")
             decisions = label_decisions(probabilities[None], card.activation, card.threshold)[0].numpy()
             if targets.background is None:
@@ -198,7 +199,7 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
     if resume:
         run = load_state(out, network, optimizer)
         run.settings = asdict(config)
-    model = _replicated(network, device, processes)
+    model = _replicated(TrainingView(network, card.preprocessing.slice_context is not None), device, processes)
     autocast = training_autocast(device, config.precision)
     scaler = gradient_scaler(device, config.precision, run.scaler)
     if processes.writer:
@@ -220,7 +221,7 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
         for micro_batch in range(config.accumulate):
             image, target = next(batches)
             last = micro_batch == config.accumulate - 1
-            with (nullcontext() if last or model is network else model.no_sync()):
+            with (model.no_sync() if not last and hasattr(model, "no_sync") else nullcontext()):
                 with autocast:
                     heads = model(image.to(device))
                     _check_outputs(heads, card)
@@ -255,7 +256,7 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
 
 
 def _replicated(network: torch.nn.Module, device: torch.device, processes: Processes) -> torch.nn.Module:
-    """``network`` itself for one process; for several, wrapped in DistributedDataParallel (gradients
+    """``network`` (the training view) itself for one process; for several, wrapped in DistributedDataParallel (gradients
     averaged after each step's backward), its BatchNorms synchronised on GPUs. On CPUs BatchNorm
     statistics stay per process (PyTorch's SyncBatchNorm runs on GPUs only)."""
     if processes.count == 1:

@@ -41,8 +41,8 @@ def source_key(entry: Mapping[str, Any]) -> str:
     """A stable name for one weight source, for trust records and messages."""
     if entry.get("source") == "hub":
         return f"hf://{entry['repo']}@{entry['revision']}/{entry['filename']}"
-    if entry.get("source") == "url":
-        return entry["url"]
+    if entry.get("source") == "url":  # a file inside a zip archive: the archive's URL, then "#member"
+        return f"{entry['url']}#{entry['member']}" if entry.get("member") else entry["url"]
     return f"package:{entry.get('path') or entry.get('file')}"
 
 

@@ -106,6 +106,10 @@ class Preprocessing:
     plus this margin; ``None`` does not crop. ``slice_context``: ``None`` for a 3D network; ``k`` for a
     2D network that sees each slice of the last axis with ``k`` neighbours on either side as extra
     channels (windows of size ``[H, W, 1]``; neighbours beyond the volume are 0 after normalization).
+    ``register``: ``None``, or the name of a template (``"mni152-2009a"``) the reference modality is
+    affinely registered to before the other steps, every modality then on the template's grid with
+    its intensities scaled to the template's (``atlas.registration``); outputs go back through the
+    inverse transform. Such a card normally keeps RAS (the template's own axes), no crop and 1 mm.
     """
 
     spacing: tuple[float | None, ...]
@@ -113,6 +117,7 @@ class Preprocessing:
     crop_margin_mm: float | None = 10.0
     normalization: Normalization = Normalization()
     slice_context: int | None = None
+    register: str | None = None
 
     def problems(self) -> list[str]:
         problems = list(self.normalization.problems())
@@ -124,6 +129,11 @@ class Preprocessing:
             problems.append(f"crop margin must be >= 0 mm, got {self.crop_margin_mm}")
         if self.slice_context is not None and self.slice_context < 0:
             problems.append(f"slice_context must be >= 0, got {self.slice_context}")
+        if self.register is not None:  # the names only: nothing is read, nilearn is not needed here
+            from ..atlas.template import TEMPLATES
+
+            if not isinstance(self.register, str) or self.register not in TEMPLATES:
+                problems.append(f"register must be null or one of {', '.join(TEMPLATES)}, got {self.register!r}")
         return problems
 
     @classmethod
@@ -141,13 +151,15 @@ class Preprocessing:
             crop_margin_mm=None if crop is None else float(crop.get("margin_mm", 10.0)),
             normalization=Normalization(**block.get("normalization", {})),
             slice_context=block.get("slice_context"),
+            register=block.get("register"),
         )
 
     def describe(self) -> str:
         """The steps on one line, for people (``factorizer models info``)."""
         spacing = ("native spacing" if all(s is None for s in self.spacing) else
                    "spacing " + " × ".join("native" if s is None else f"{s:g}" for s in self.spacing) + " mm")
-        parts = [
+        parts = [f"affine registration to {self.register}"] if self.register is not None else []
+        parts += [
             "RAS" if self.orientation == "RAS" else "stored axes",
             spacing,
             "no crop" if self.crop_margin_mm is None else f"crop to foreground + {self.crop_margin_mm:g} mm",
@@ -158,7 +170,8 @@ class Preprocessing:
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
+        data: dict[str, Any] = {"register": self.register} if self.register is not None else {}
+        data |= {
             "orientation": self.orientation,
             "spacing": list(self.spacing),
             "crop_foreground": None if self.crop_margin_mm is None else {"margin_mm": self.crop_margin_mm},

@@ -1,12 +1,15 @@
-"""A streaming HTTPS download that resumes a partial file, for weight sources outside the hub."""
+"""A streaming HTTPS download that resumes a partial file, for weight sources outside the hub, and the
+one file taken out of a zip archive when that is how upstream publishes its weights."""
 
 from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import DownloadError
@@ -59,3 +62,36 @@ def download_url(url: str, destination: Path, progress: Progress | None = None, 
     os.replace(part, destination)
     return destination
 
+
+
+def extract_member(archive: Path, member: str, destination: Path) -> Path:
+    """Write the file ``member`` of the zip ``archive`` to ``destination``, whole or not at all.
+
+    ``member`` is the file's path in the archive, or its tail when the archive adds folders above it
+    (a zip made from a folder holds ``folder/...``): one file must match. The archive's CRC is
+    checked as the file is read. ``DownloadError`` for a file that is not a zip or lacks the member.
+    """
+    part = destination.with_name(destination.name + ".part")
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            name = _find_member(zipped.namelist(), member, archive)
+            with zipped.open(name) as source, open(part, "wb") as out:
+                shutil.copyfileobj(source, out, CHUNK)
+    except zipfile.BadZipFile as err:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{archive}: not a readable zip archive ({err}); the download may be a web page "
+                            "rather than the weights") from None
+    os.replace(part, destination)
+    return destination
+
+
+def _find_member(names: Sequence[str], member: str, archive: Path) -> str:
+    if member in names:
+        return member
+    tails = [n for n in names if n.endswith("/" + member.lstrip("/"))]
+    if len(tails) == 1:
+        return tails[0]
+    stem = member.rsplit("/", 1)[-1]
+    alike = [n for n in names if n.rsplit("/", 1)[-1] == stem] or [n for n in names if not n.endswith("/")][:5]
+    raise DownloadError(f"{archive}: {'several files match' if tails else 'no file'} {member!r} in the archive "
+                        f"(it holds {', '.join(alike) or 'nothing'})")

@@ -3,7 +3,8 @@
 Accepted: a zoo name (``isles22-swin-factorizer``), a model folder (``card.json`` + safetensors),
 ``hf://ORG/REPO[@REVISION]`` (a model package published on the Hugging Face hub), or an upstream
 checkpoint file together with a card. Upstream checkpoints are converted once into our package format
-(safetensors) in the cache, so later runs load tensors only.
+(safetensors) in the cache, so later runs load tensors only. A model whose licence is not permissive
+is refused before its weights are fetched or read, unless the licence is accepted (``zoo.license``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError, DownloadError, one_line
 from . import cache
 from .card import ModelCard
+from .license import require_accepted
 from .package import CARD_FILE, ModelPackage, open_package, save_package, sha256_of
 from .registry import zoo_card, zoo_names
 from .upstream import load_upstream
 from .weights import FetchedWeight, fetch, is_network_error, offline_hint
 
 Progress = Callable[[str, int, int | None], None]  # (file label, bytes so far, total)
-UPSTREAM_FORMATS = ("lightning-ckpt", "state-dict", "bundle")
+UPSTREAM_FORMATS = ("lightning-ckpt", "state-dict", "bundle", "SPiNModel.save_model")
 
 
 @dataclass(frozen=True)
@@ -34,20 +36,24 @@ class ResolvedModel:
 
 
 def resolve_model(spec: str | Path, card: str | Path | None = None, offline: bool = False,
-                  progress: Progress | None = None) -> ResolvedModel:
+                  progress: Progress | None = None, accept_license: bool = False) -> ResolvedModel:
     offline = cache.offline(offline)
     text = str(spec)
     if text.startswith("hf://"):
-        return _from_hub_package(text[len("hf://"):], offline, progress)
+        return _from_hub_package(text[len("hf://"):], offline, progress, accept_license)
     path = Path(text)
     if path.is_dir():
-        return ResolvedModel(open_package(path))
+        package = open_package(path)
+        require_accepted(package.card, accept_license)
+        return ResolvedModel(package)
     if path.is_file():
         if card is None:
             raise ConfigError(f"{path}: a checkpoint needs a model card: add --card CARD.json (or a zoo name)")
-        return ResolvedModel(import_cached(path, load_card(card)))
+        described = load_card(card)
+        require_accepted(described, accept_license)
+        return ResolvedModel(import_cached(path, described))
     if text in zoo_names():
-        return fetch_zoo_model(zoo_card(text), offline, progress)
+        return fetch_zoo_model(zoo_card(text), offline, progress, accept_license)
     raise ConfigError(
         f"model {text!r} is not a model folder, a checkpoint file, hf://ORG/REPO or a zoo name "
         f"({', '.join(zoo_names())})"
@@ -59,7 +65,11 @@ def load_card(card: str | Path) -> ModelCard:
     return ModelCard.load(Path(card)) if Path(card).is_file() else zoo_card(str(card))
 
 
-def fetch_weights(card: ModelCard, offline: bool = False, progress: Progress | None = None) -> list[FetchedWeight]:
+def fetch_weights(card: ModelCard, offline: bool = False, progress: Progress | None = None,
+                  accept_license: bool = False) -> list[FetchedWeight]:
+    """The card's weight files, one per fold, downloaded if needed and checked; ``LicenseError`` first
+    for a licence that is not permissive and not accepted."""
+    require_accepted(card, accept_license)
     fetched = []
     for i, entry in enumerate(card.weights):
         label = f"{card.name} fold {entry.get('fold', i)}"
@@ -68,11 +78,12 @@ def fetch_weights(card: ModelCard, offline: bool = False, progress: Progress | N
     return fetched
 
 
-def fetch_zoo_model(card: ModelCard, offline: bool = False, progress: Progress | None = None) -> ResolvedModel:
+def fetch_zoo_model(card: ModelCard, offline: bool = False, progress: Progress | None = None,
+                    accept_license: bool = False) -> ResolvedModel:
     """Download (or find) a zoo model's weights, check them, convert upstream formats once."""
     if not card.weights:
         raise ConfigError(f"model card {card.name!r} lists no weights")
-    fetched = fetch_weights(card, offline, progress)
+    fetched = fetch_weights(card, offline, progress, accept_license)
     unverified = tuple(cache.source_key(e) for e, f in zip(card.weights, fetched) if f.status == "unverified")
     formats = {e.get("format", "safetensors") for e in card.weights}
     if formats <= {"safetensors"}:
@@ -111,7 +122,8 @@ def import_cached(checkpoint: Path, card: ModelCard) -> ModelPackage:
     return convert(card, [checkpoint], folder)
 
 
-def _from_hub_package(reference: str, offline: bool, progress: Progress | None) -> ResolvedModel:
+def _from_hub_package(reference: str, offline: bool, progress: Progress | None,
+                      accept_license: bool = False) -> ResolvedModel:
     """``ORG/REPO[@REV]``: the repo holds ``card.json`` and the safetensors files it lists."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -139,4 +151,4 @@ def _from_hub_package(reference: str, offline: bool, progress: Progress | None) 
     entries = tuple({"source": "hub", "repo": repo, "filename": e["file"], "revision": commit,
                      "sha256": e.get("sha256"), "format": e.get("format", "safetensors")}
                     for e in card.weights)
-    return fetch_zoo_model(replace(card, weights=entries), offline, progress)
+    return fetch_zoo_model(replace(card, weights=entries), offline, progress, accept_license)

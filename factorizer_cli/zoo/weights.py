@@ -1,7 +1,9 @@
 """Fetch a model card's weight files and check them before anything reads them.
 
 A weight entry names its source: the Hugging Face hub (``repo``, ``filename``, ``revision`` pinned to a
-commit), an HTTPS ``url``, or a ``path`` inside the installed package; and its ``sha256``. A file whose
+commit), an HTTPS ``url`` (with ``member`` when the URL serves a zip archive holding the weights: that
+file is taken out and kept as ``filename``, the archive deleted), or a ``path`` inside the installed
+package; and its ``sha256`` (of the weight file itself, not of an archive). A file whose
 hash differs from the card's (or from the one the user recorded with ``models verify``) is deleted and
 refused. A source the card cannot vouch for (no published hash, not yet trusted) is used but reported
 as unverified.
@@ -20,7 +22,7 @@ from typing import Any
 from ..errors import ConfigError, DownloadError, one_line
 from . import cache
 from .card import ModelCard
-from .download import download_url
+from .download import download_url, extract_member
 from .package import sha256_of
 
 Progress = Callable[[int, int | None], None]
@@ -180,7 +182,16 @@ def is_network_error(err: BaseException) -> bool:
 
 def _download(entry: Mapping[str, Any], model: str, progress: Progress | None) -> Path:
     if entry["source"] == "url":
-        return download_url(entry["url"], cache.home() / "downloads" / model / entry["filename"], progress)
+        destination = cache.home() / "downloads" / model / entry["filename"]
+        if not entry.get("member"):
+            return download_url(entry["url"], destination, progress)
+        archive = destination.with_name(destination.name + ".zip")
+        if not archive.is_file():  # else an earlier run got the archive and stopped before extracting
+            download_url(entry["url"], archive, progress)
+        try:
+            return extract_member(archive, entry["member"], destination)
+        finally:
+            archive.unlink(missing_ok=True)  # the weights are out, or the archive is not what was expected
     if entry["source"] == "hub":
         from huggingface_hub import hf_hub_download
 
