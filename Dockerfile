@@ -38,12 +38,13 @@ ARG TORCH_VERSION=2.13.0
 ARG ONNXRUNTIME_GPU_VERSION=1.31.1
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
 
-# The other dependencies and the `gpu` extra, read from pyproject.toml (rebuilt only when it changes):
-# what `pip install factorizer-cli[gpu]` installs. torch and onnxruntime-gpu are already here, and the
+# The other dependencies and the `gpu` and `atlas` extras, read from pyproject.toml (rebuilt only when it
+# changes): what `pip install factorizer-cli[gpu,atlas]` installs (atlas: the MNI152 template that SPiN
+# cards register to). torch and onnxruntime-gpu are already here, and the
 # CPU package onnxruntime is left out: onnxruntime-gpu provides the same module, and the CPU package
 # would overwrite it.
 RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
-    python -c 'import re, tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; deps = p["dependencies"] + p["optional-dependencies"]["gpu"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() not in ("torch", "onnxruntime")))' \
+    python -c 'import re, tomllib; p = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; deps = p["dependencies"] + p["optional-dependencies"]["gpu"] + p["optional-dependencies"]["atlas"]; print("\n".join(d for d in deps if re.match(r"[A-Za-z0-9._-]+", d).group().lower() not in ("torch", "onnxruntime")))' \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
@@ -73,6 +74,9 @@ USER ${UID}:${GID}
 # checked, then converted once to our format, so that containers start ready, even read-only ones
 # (Apptainer) and ones run with another --user.
 ARG MODELS=""
+# A model whose licence is not permissive (atlas-spin: non-commercial) is baked only with
+# --build-arg FACTORIZER_ACCEPT_LICENSE=1; containers then still need the variable (or --accept-license).
+ARG FACTORIZER_ACCEPT_LICENSE=""
 RUN set -eu; \
     for name in ${MODELS}; do \
         factorizer models download "${name}"; \

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ from .export import ExportedFile, ExportOptions
 from .export import export_onnx as _export_onnx
 from .export.exporter import cached_onnx
 from .families import build, family_of
+from .genesis.pretrain import PretrainConfig, PretrainResult
+from .genesis.pretrain import pretrain as _pretrain
+from .genesis.transfer import Transfer, load_initialisation
 from .io.atomic import write_json_atomic
 from .io.cases import resolve_inputs
 from .io.images import check_output_folder, check_outputs
@@ -73,6 +76,7 @@ __all__ = [
     "import_checkpoints", "is_writer", "license_terms", "load_card", "load_segmenter", "open_model", "parameter_count", "plan_case",
     "plan_dataset", "remove_cached", "run_demo", "segment_case", "segment_dataset", "set_threads",
     "threads_per_process", "torch_version", "train", "verify_cached", "weight_sources", "zoo_models",
+    "PretrainConfig", "PretrainResult", "Transfer", "pretrain",
 ]
 
 BACKENDS = ("torch", "onnx")
@@ -243,23 +247,61 @@ def run_demo(out_dir: PathLike, *, device: str = "auto") -> DemoResult:
 
 
 def generate_phantoms(out_dir: PathLike, cases: int, seed: int = 0,
-                      progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Synthetic glioma cases ``0 .. cases-1`` of series ``seed`` in BraTS layout; the case folders."""
+                      progress: Callable[[int, int], None] | None = None, kind: str = "glioma") -> list[Path]:
+    """Synthetic cases ``0 .. cases-1`` of series ``seed``; the case folders. ``kind``: ``"glioma"`` (four
+    modalities in BraTS layout) or ``"stroke"`` (a clinical-grid T1 with chronic lesions, ``phantom_stroke``)."""
+    if kind == "stroke":
+        from .phantom_stroke import generate_dataset as generate_strokes
+
+        return generate_strokes(out_dir, cases, seed, progress)
+    if kind != "glioma":
+        raise ConfigError(f"unknown phantom kind {kind!r}; use glioma or stroke")
     return generate_dataset(out_dir, cases, seed, progress)
 
 
 def train(data_dir: PathLike, card: PathLike | ModelCard, out_dir: PathLike, config: TrainConfig = TrainConfig(),
           *, resume: bool = False, device: str = "auto", on_step: Callable | None = None,
           on_case: Callable[[int, int], None] | None = None, workers: int = 0,
-          cache: PathLike | None = None, on_validation: Callable[[int, int], None] | None = None) -> TrainResult:
+          cache: PathLike | None = None, on_validation: Callable[[int, int], None] | None = None,
+          init: PathLike | None = None, accept_license: bool = False,
+          on_init: Callable[[Transfer], None] | None = None) -> TrainResult:
     """Train ``card``'s network on a labelled dataset folder into ``out_dir`` (``train.train``); cases are
     preprocessed once into ``cache`` (default ``FACTORIZER_HOME/train-cache``), batches made by
     ``workers`` DataLoader processes (0: this one). Under ``torchrun`` each process runs this, process 0
     writes and reports. ``on_step``, ``on_case`` (cases prepared) and ``on_validation`` (cases
-    validated) report progress."""
+    validated) report progress.
+
+    ``init`` starts a new run from pretrained weights (``genesis.transfer``: a model package, a
+    ``pretrain`` run, a zoo name, ``hf://`` or a checkpoint file; ``accept_license`` as for ``segment``);
+    a checkpoint that fits too little of the card's network is refused here, before any case is
+    prepared, and ``on_init`` gets the report of what was transferred. A resumed run ignores it."""
     card = card if isinstance(card, ModelCard) else load_card(card)
+    initialise = None
+    if init is not None and not resume:
+        initialisation = load_initialisation(init, accept_license=accept_license)
+        with torch.device("meta"):
+            initialisation.plan(build(dict(card.architecture)))  # a mismatch refused now, not after the cases
+        config = replace(config, init=str(init))
+
+        def initialise(network: torch.nn.Module) -> None:
+            transfer = initialisation.apply(network)
+            if on_init is not None:
+                on_init(transfer)
+
     return _train(data_dir, card, Path(out_dir), config, resume, resolve_device(device), on_step, on_case,
-                  workers=workers, cache_dir=cache, validation_progress=on_validation)
+                  workers=workers, cache_dir=cache, validation_progress=on_validation, initialise=initialise)
+
+
+def pretrain(data_dir: PathLike, out_dir: PathLike, config: PretrainConfig = PretrainConfig(), *,
+             resume: bool = False, device: str = "auto", on_step: Callable | None = None,
+             on_volume: Callable[[int, int], None] | None = None, workers: int = 0,
+             cache: PathLike | None = None) -> PretrainResult:
+    """Semantic Genesis pretraining on the unlabelled volumes of ``data_dir`` into ``out_dir``
+    (``genesis.pretrain``): its ``model/`` package is what ``train(..., init=...)`` starts from. Volumes
+    are preprocessed once into ``cache`` (default ``FACTORIZER_HOME/pretrain-cache``); ``on_volume``
+    (volumes prepared) and ``on_step(step, steps, loss, accuracy)`` report progress."""
+    return _pretrain(data_dir, Path(out_dir), config, resume, resolve_device(device), on_step, on_volume,
+                     workers=workers, cache_dir=cache)
 
 
 def evaluate(pred_dir: PathLike, gt_dir: PathLike, *, regions: str = "auto", csv: PathLike | None = None,

@@ -359,13 +359,15 @@ def test_the_image_installs_every_dependency_but_swaps_onnxruntime_for_the_gpu_b
     installed = result.stdout.split()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared, gpu = project["dependencies"], project["optional-dependencies"]["gpu"]
+    atlas = project["optional-dependencies"]["atlas"]
+
     def name(requirement: str) -> str:
         return re.match(r"[A-Za-z0-9._-]+", requirement)[0].lower()
 
     assert {"torch", "onnxruntime"} <= {name(d) for d in declared}
     assert {name(d) for d in gpu} == {"onnxruntime-gpu"}
-    # What `pip install factorizer-cli[gpu]` installs, less torch and the CPU onnxruntime ...
-    assert sorted(installed) == sorted(d for d in declared + gpu if name(d) not in ("torch", "onnxruntime"))
+    # What `pip install factorizer-cli[gpu,atlas]` installs, less torch and the CPU onnxruntime ...
+    assert sorted(installed) == sorted(d for d in declared + gpu + atlas if name(d) not in ("torch", "onnxruntime"))
     # ... and the heavy first layer pins the gpu extra's package, the version the extra allows.
     heavy = next(r for r in runs() if "TORCH_VERSION" in r)
     pinned = re.findall(r'"([A-Za-z0-9._-]+)==\$\{(\w+)\}"', heavy)

@@ -249,21 +249,10 @@ def _is_labels(array: np.ndarray, nearest: bool | None) -> bool:
 
 def _resample(array: np.ndarray, out_to_in: np.ndarray, shape: tuple[int, ...], nearest: bool,
               fill: float) -> np.ndarray:
-    """Each channel of ``array`` sampled at ``out_to_in @ (i, j, k, 1)`` for every voxel of ``shape``.
-
-    The ITK images have unit spacing and zero origin with ITK's (x, y, z) = our (i, j, k) (numpy
-    (k, j, i) inside ITK), so physical points are voxel indices and ``out_to_in`` is the transform.
-    """
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix([float(v) for v in out_to_in[:3, :3].ravel()])
-    transform.SetTranslation([float(v) for v in out_to_in[:3, 3]])
-    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    """Each channel of ``array`` sampled at ``out_to_in @ (i, j, k, 1)`` for every voxel of ``shape``
+    (``geometry.resample_voxels``): nearest keeps the dtype (bool through uint8), linear gives float32."""
     dtype = (np.uint8 if array.dtype == bool else array.dtype) if nearest else np.float32
     out = np.empty((array.shape[0], *shape), dtype=bool if array.dtype == bool and nearest else dtype)
-    size = [int(n) for n in shape]
     for c, channel in enumerate(array):
-        image = sitk.GetImageFromArray(np.ascontiguousarray(channel.transpose(2, 1, 0), dtype=dtype))
-        moved = sitk.Resample(image, size, transform, interpolator, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
-                              (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), float(fill), image.GetPixelID())
-        out[c] = sitk.GetArrayViewFromImage(moved).transpose(2, 1, 0)
+        out[c] = geometry.resample_voxels(channel.astype(dtype, copy=False), out_to_in, shape, nearest, fill)
     return out

@@ -65,6 +65,7 @@ from . import demo as _demo  # noqa: E402,F401
 from . import evaluate as _evaluate  # noqa: E402,F401
 from . import export as _export  # noqa: E402,F401
 from . import models as _models  # noqa: E402,F401  (register the commands on ``app``)
+from . import pretrain as _pretrain  # noqa: E402,F401
 from . import segment as _segment  # noqa: E402,F401
 from . import train as _train  # noqa: E402,F401
 

@@ -9,7 +9,12 @@ from typing import Annotated
 import typer
 
 from . import app
-from .console import error_console, friendly_errors, progress_bar
+from .console import ACCEPT_LICENSE_HELP, error_console, friendly_errors, progress_bar
+
+
+class PhantomKind(str, Enum):
+    glioma = "glioma"
+    stroke = "stroke"
 
 
 class TrainingPrecision(str, Enum):
@@ -32,6 +37,12 @@ Continue a run that was stopped or killed (same settings, same steps as an unint
 
 Then segment with the best checkpoint: `factorizer segment CASE -o seg.nii.gz --model runs/demo/best`
 
+Fine-tune from pretrained weights: a `factorizer pretrain` run, a model package, a zoo name or an
+upstream checkpoint (the card's network a `UNet3D` of the pretrained width):
+
+    factorizer train data/phantoms --card unet-card.json -o runs/ft --init runs/genesis
+    factorizer train data/ct --card ct-unet.json -o runs/ft --init semantic-genesis-chest-ct --accept-license
+
 Two processes on this machine (gloo on CPUs, NCCL on GPUs; the same run as one process with
 --batch-size 4), or 4 GPUs on each of 2 machines (see examples/slurm-train.sh):
 
@@ -52,21 +63,34 @@ def phantom(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the cases into (created).")],
     cases: Annotated[int, typer.Option("--cases", "-n", min=1, help="How many cases.")] = 10,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Series seed: case i of seed S is always the same.")] = 0,
+    kind: Annotated[PhantomKind, typer.Option("--kind", help="glioma: four 1 mm modalities with a BraTS label "
+                                              "map; stroke: one clinical T1 with chronic stroke lesions "
+                                              "(needs the MNI152 template: the 'atlas' extra).")
+                    ] = PhantomKind.glioma,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate synthetic brain MRI cases with gliomas, in BraTS layout and naming.
+    """Generate synthetic brain MRI cases whose truth is known: gliomas (BraTS) or chronic strokes (T1).
 
-    Each case folder `BraTS-PHT-SSSSS-III/` holds `t1n`, `t1c`, `t2w`, `t2f` (int16, 1 mm) and `seg`
-    (1 necrotic core, 2 oedema, 3 enhancing tumour, as BraTS 2023). Use them to try the tool, to
-    train (`factorizer train`) and to evaluate (`factorizer evaluate`) where the truth is known.
+    `--kind glioma` (default): each case folder `BraTS-PHT-SSSSS-III/` holds `t1n`, `t1c`, `t2w`, `t2f`
+    (int16, 1 mm) and `seg` (1 necrotic core, 2 oedema, 3 enhancing tumour, as BraTS 2023).
 
-    Example: `factorizer phantom data/phantoms --cases 20 --seed 7`
+    `--kind stroke`: each case folder `STROKE-PHT-SSSSS-III/` holds `t1` and `seg` (1 lesion): the real
+    anatomy of the MNI152 2009a template inside a drawn scalp and skull, with 1 to 3 dark chronic
+    infarcts (cortical or deep, from a few voxels to tens of cm³; about a third of the cases hold only
+    small ones), at a random head pose on a clinical grid (1 mm, 0.9×0.9×3 mm, 1×1×5 mm, ...; axial,
+    sagittal or coronal; some oblique), with bias field, noise and a random intensity scale.
+
+    Use them to try the tool, to train (`factorizer train`) and to evaluate (`factorizer evaluate`).
+
+    Examples: `factorizer phantom data/phantoms --cases 20 --seed 7`,
+    `factorizer phantom data/strokes --kind stroke --cases 40 --seed 1`
     """
     from ..api import generate_phantoms
 
     with progress_bar(quiet) as bar:
-        task = bar.add_task("phantoms", total=cases)
-        folders = generate_phantoms(out_dir, cases, seed, lambda done, total: bar.update(task, completed=done))
+        task = bar.add_task(f"{kind.value} phantoms", total=cases)
+        folders = generate_phantoms(out_dir, cases, seed, lambda done, total: bar.update(task, completed=done),
+                                    kind=kind.value)
     if not quiet:
         error_console().print(f"wrote {len(folders)} cases to {out_dir}")
 
@@ -117,6 +141,15 @@ def train(
     cache: Annotated[Path | None, typer.Option("--cache", file_okay=False, help="Folder of preprocessed cases, "
                                                "reused across runs [default: FACTORIZER_HOME/train-cache]"
                                                )] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Start from pretrained weights: a `factorizer "
+                                             "pretrain` run or its model/ package, a model folder, a zoo name "
+                                             "(semantic-genesis-chest-ct), hf://ORG/REPO or a checkpoint file. "
+                                             "Tensors matching by name and shape are copied, a one-channel "
+                                             "first convolution inflated to the card's modalities, the rest "
+                                             "(e.g. a classification head) left out; refused when under half "
+                                             "the network fits.")] = None,
+    accept_license: Annotated[bool, typer.Option("--accept-license", help="With --init: " + ACCEPT_LICENSE_HELP)
+                              ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model card's network on a labelled dataset folder.
@@ -137,7 +170,8 @@ def train(
     CUDA) or `fp16` (CUDA) trains in mixed precision. Cross-validation:
     `--folds 5 --fold 0` (then 1 .. 4, each in its own run folder) splits the cases the same way on every
     machine (saved in the run as split.json), optionally spreading a CSV column's values over the folds;
-    `factorizer models pack RUN...` makes the fold runs one ensemble.
+    `factorizer models pack RUN...` makes the fold runs one ensemble. `--init` starts from pretrained
+    weights (`factorizer pretrain`, Semantic Genesis) and reports what it transferred.
     """
     from ..api import TrainConfig, is_writer, set_threads, threads_per_process
     from ..api import train as run_training
@@ -169,8 +203,14 @@ def train(
                 dice = "  ".join(f"{k} {v:.3f}" for k, v in validation.items())
                 console.print(f"step {step}: validation Dice {dice}", highlight=False)
 
+        def on_init(transfer) -> None:
+            if is_writer():
+                for line in transfer.summary():
+                    console.print(line, highlight=False, soft_wrap=True)
+
         result = run_training(data_dir, card, out_dir, config, resume=resume, device=device, on_step=on_step,
-                              on_case=on_case, workers=workers, cache=cache, on_validation=on_validation)
+                              on_case=on_case, workers=workers, cache=cache, on_validation=on_validation,
+                              init=init, accept_license=accept_license, on_init=on_init)
     if not is_writer():
         return
     dice = "  ".join(f"{k} {v:.3f}" for k, v in result.validation.items())

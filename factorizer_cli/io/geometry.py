@@ -92,6 +92,21 @@ def resample_to_grid(volume: np.ndarray, affine: np.ndarray, shape: tuple[int, .
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
 
 
+def resample_voxels(volume: np.ndarray, out_to_in: np.ndarray, shape: tuple[int, ...], nearest: bool,
+                    fill: float = 0.0) -> np.ndarray:
+    """``volume`` (3D) sampled at voxel ``out_to_in @ (i, j, k, 1)`` for each voxel of ``shape``, linear or
+    nearest, ``fill`` outside; the dtype is kept (ITK's pixel type). The ITK images have unit spacing
+    and zero origin with ITK's (x, y, z) = our (i, j, k), so physical points are voxel indices."""
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix([float(v) for v in out_to_in[:3, :3].ravel()])
+    transform.SetTranslation([float(v) for v in out_to_in[:3, 3]])
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.transpose(2, 1, 0)))
+    out = sitk.Resample(image, [int(n) for n in shape], transform,
+                        sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+                        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), float(fill), image.GetPixelID())
+    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
+
+
 def world_bounds(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned world box (min, max corners in mm) that holds every voxel centre."""
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)

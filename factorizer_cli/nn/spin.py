@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputShapeError
+from .large_kernel import exporting
 
 __all__ = ["SPiNModel"]
 
@@ -45,11 +46,21 @@ _INITIALIZERS = {
 }
 
 
+def fused_conv_available() -> bool:
+    """Whether this PyTorch has oneDNN's conv with a fused activation (x86 and ARM CPU builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 class ConvUnit(nn.Module):
     """Bias-free conv ('same' padding), optional BatchNorm, optional LeakyReLU 0.1: upstream's unit.
 
-    Attribute names ``conv`` / ``batch_norm`` are upstream's, hence its state-dict keys.
+    Attribute names ``conv`` / ``batch_norm`` are upstream's, hence its state-dict keys. The inference
+    form sets ``fused``: on the CPU in float32, without autograd or an export trace, conv and LeakyReLU
+    then run as one oneDNN primitive (PyTorch's own fused op, the one its compiler emits): the same
+    numbers, one pass over the map fewer.
     """
+
+    fused = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, *,
                  norm: bool = True, act: bool = True) -> None:
@@ -59,12 +70,21 @@ class ConvUnit(nn.Module):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and self.act and self._fusable(x):
+            conv = self.conv
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                "leaky_relu", [_SLOPE], "")
         x = self.conv(x)
         if self.batch_norm is not None:
             x = self.batch_norm(x)
         # in place where nothing records the graph: the conv's output is fresh, and a copy of a
         # 394×466 map per unit is a fifth of the forward's time at inference
         return F.leaky_relu(x, _SLOPE, inplace=not torch.is_grad_enabled()) if self.act else x
+
+    def _fusable(self, x: Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and self.batch_norm is None
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not exporting())
 
 
 class ResidualBlock(nn.Module):
@@ -206,9 +226,14 @@ class UpConv(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
         if self.phase_weight is not None and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            y = F.conv2d(x, self.phase_weight, self.phase_bias, padding=1)
-            if self.conv.act:
-                y = F.leaky_relu(y, _SLOPE, inplace=not torch.is_grad_enabled())
+            unit = self.conv
+            if unit.fused and unit.act and unit._fusable(x):
+                y = torch.ops.mkldnn._convolution_pointwise(x, self.phase_weight, self.phase_bias, [1, 1], [1, 1],
+                                                            [1, 1], 1, "leaky_relu", [_SLOPE], "")
+            else:
+                y = F.conv2d(x, self.phase_weight, self.phase_bias, padding=1)
+                if unit.act:
+                    y = F.leaky_relu(y, _SLOPE, inplace=not torch.is_grad_enabled())
             return depth_to_space(y, 2, "abc")
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 

@@ -6,7 +6,8 @@ each BatchNorm, activation copy, resize and concatenation over a 16×394×466 ma
 half of the convolution beside it. So the inference form
 
 - folds every BatchNorm (running statistics) into its convolution's weights and bias;
-- runs channels-last, activations in place (``nn.spin``: where autograd is off);
+- runs channels-last, each conv and its LeakyReLU as one oneDNN primitive where PyTorch has it
+  (``ConvUnit.fused``), other activations in place (``nn.spin``: where autograd is off);
 - reorders the channels of each space-to-depth and pixel shuffle to (row, column, channel), which on
   channels-last storage is one contiguous copy, and permutes the weights that read or write them to
   match (``space_to_depth``'s ``order``);
@@ -31,6 +32,7 @@ from .spin import (
     SPiNModel,
     SubpixelGuidance,
     UpConv,
+    fused_conv_available,
 )
 
 
@@ -91,9 +93,11 @@ def phase_weights(weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
 def fuse_for_inference(model: SPiNModel) -> SPiNModel:
     """A copy of ``model`` for inference (see the module's docstring); ``model`` is untouched."""
     fused = copy.deepcopy(model).eval()
+    fuse = fused_conv_available()
     for module in fused.modules():
         if isinstance(module, ConvUnit):
             fold_batch_norm(module)
+            module.fused = fuse
     for module in fused.modules():
         if isinstance(module, EmbeddingDecoder):
             write_subpixels_abc(module.upsampling_blocks[0], 2)

@@ -80,6 +80,10 @@ class Segmenter:
 
     def __init__(self, model: ModelPackage | OnnxModel, options: InferenceOptions = InferenceOptions()) -> None:
         self.card, self.options = model.card, options
+        if self.card.role == "initialisation":
+            raise ConfigError(f"model {self.card.name!r} holds pretrained weights to start a training from, not a "
+                              f"segmentation model; use it with `factorizer train DATA --card CARD --init "
+                              f"{self.card.name}`")
         self.family = family_of(self.card.architecture)
         self.card.label_rules(options.label_convention)  # validate the convention now
         if isinstance(model, OnnxModel):

@@ -68,6 +68,7 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches of batch_size crops per optimizer step (gradients accumulated)
     precision: str = "fp32"  # fp32, or bf16 / fp16 mixed precision (``precision``)
     processes: int = 1  # the processes the run was started with (torchrun); batch_size is per process
+    init: str | None = None  # --init: the pretrained weights the run started from (recorded, not re-read)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase
 def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: TrainConfig = TrainConfig(),
           resume: bool = False, device: torch.device | str = "cpu", progress: Progress | None = None,
           case_progress: CaseProgress | None = None, workers: int = 0,
-          cache_dir: str | Path | None = None, validation_progress: CaseProgress | None = None) -> TrainResult:
+          cache_dir: str | Path | None = None, validation_progress: CaseProgress | None = None,
+          initialise: Callable[[torch.nn.Module], object] | None = None) -> TrainResult:
     """Train ``card``'s architecture on ``data_dir``; write ``best/`` and ``last/`` model packages.
 
     With ``resume`` the run continues from ``out_dir`` with the settings it started with (``config``
@@ -141,6 +143,9 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
     and process 0 writes; a resumed run may have another number of processes if the global batch
     divides among them. Random masks drawn inside the network (dropout, drop path: 0 in the zoo's
     cards) come from the step's seed in each process, so with them a run depends on its process count.
+
+    ``initialise`` (``train --init``: ``genesis.transfer``) is called on the freshly built network of a
+    new run, before the optimizer sees it; a resumed run takes its weights from its state instead.
     """
     if workers < 0:
         raise ConfigError(f"workers must be 0 (in this process) or more, got {workers}")
@@ -158,7 +163,7 @@ def train(data_dir: str | Path, card: ModelCard, out_dir: str | Path, config: Tr
     with process_group(torch.device(device)) as (processes, device):
         config = _per_process(config, processes.count, resume)
         return _train(data_dir, card, out, config, resume, device, processes, progress, case_progress,
-                      validation_progress, workers, cache_dir)
+                      validation_progress, workers, cache_dir, initialise)
 
 
 def _per_process(config: TrainConfig, count: int, resume: bool) -> TrainConfig:
@@ -175,7 +180,8 @@ def _per_process(config: TrainConfig, count: int, resume: bool) -> TrainConfig:
 
 def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig, resume: bool,
            device: torch.device, processes: Processes, progress: Progress | None, case_progress: CaseProgress | None,
-           validation_progress: CaseProgress | None, workers: int, cache_dir: str | Path | None) -> TrainResult:
+           validation_progress: CaseProgress | None, workers: int, cache_dir: str | Path | None,
+           initialise: Callable[[torch.nn.Module], object] | None = None) -> TrainResult:
     targets = targets_of(card)
     found = find_training_cases(data_dir, card)
     training_names, validating_names = _split_names(data_dir, [name for name, _, _ in found], config, out,
@@ -193,6 +199,8 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
 
     torch.manual_seed(config.seed)  # the initial weights
     network = build(dict(card.architecture)).to(device).train()
+    if initialise is not None and not resume:
+        initialise(network)  # pretrained weights (--init); what does not fit keeps the seeded values
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
     run = RunState(settings=asdict(config))

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import ConfigError
 
 ACTIVATIONS = ("sigmoid", "softmax")
+ROLES = ("segmentation", "initialisation")
 # Names become folder and file names in the cache: no separators, no "..", nothing hidden.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
 
@@ -203,9 +204,14 @@ class ModelCard:
     label_names: Mapping[str, str] = field(default_factory=dict)
     weights: tuple[Mapping[str, Any], ...] = ()
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    # "segmentation", or "initialisation": pretrained weights (Semantic Genesis) that only start a
+    # training (`train --init`); `segment` refuses them, their outputs being no label map
+    role: str = "segmentation"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.role not in ROLES:
+            problems.append(f"role must be one of {ROLES}, got {self.role!r}")
         if not SAFE_NAME.fullmatch(self.name) or ".." in self.name:
             problems.append("name must be letters, digits, '.', '_', '-' or '=' (it names cache folders)")
         for entry in self.weights:
@@ -273,6 +279,7 @@ class ModelCard:
                 label_names=dict(data.get("label_names", {})),
                 weights=tuple(data.get("weights", ())),
                 metrics=dict(data.get("metrics", {})),
+                role=data.get("role", "segmentation"),
             )
         except KeyError as err:
             raise ConfigError(f"model card is missing the field {err.args[0]!r}") from None
@@ -281,6 +288,8 @@ class ModelCard:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if self.role == "segmentation":  # the default: cards (and package hashes) stay as they were
+            del data["role"]
         data["inputs"] = data.pop("modalities")
         data["preprocessing"] = self.preprocessing.to_dict()
         return data
