@@ -180,11 +180,17 @@ def write_case(phantom: Phantom, folder: str | os.PathLike[str], name: str) -> d
 def generate_dataset(folder: str | os.PathLike[str], cases: int, seed: int,
                      progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """Cases ``0 .. cases-1`` of series ``seed`` in BraTS layout; returns the case folders."""
+    return write_series(folder, cases, seed, lambda index: write_case(generate(seed, index), folder,
+                                                                      case_id(seed, index)), case_id, progress)
+
+
+def write_series(folder: str | os.PathLike[str], cases: int, seed: int, write: Callable[[int], object],
+                 name: Callable[[int, int], str], progress: Callable[[int, int], None] | None = None) -> list[Path]:
+    """``write(index)`` for cases ``0 .. cases-1``, reporting ``progress``; the folders ``name(seed, index)``."""
     folders = []
     for index in range(cases):
-        name = case_id(seed, index)
-        write_case(generate(seed, index), folder, name)
-        folders.append(Path(folder) / name)
+        write(index)
+        folders.append(Path(folder) / name(seed, index))
         if progress is not None:
             progress(index + 1, cases)
     return folders

@@ -376,11 +376,5 @@ def write_case(case: StrokePhantom, folder: str | os.PathLike[str], name: str) -
 def generate_dataset(folder: str | os.PathLike[str], cases: int, seed: int,
                      progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """Cases ``0 .. cases-1`` of stroke series ``seed``, one folder each; returns the case folders."""
-    folders = []
-    for index in range(cases):
-        name = case_id(seed, index)
-        write_case(generate(seed, index), folder, name)
-        folders.append(Path(folder) / name)
-        if progress is not None:
-            progress(index + 1, cases)
-    return folders
+    return phantom.write_series(folder, cases, seed, lambda index: write_case(generate(seed, index), folder,
+                                                                              case_id(seed, index)), case_id, progress)

@@ -157,4 +157,4 @@ def test_missing_nilearn_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     result = CliRunner().invoke(app, ["phantom", str(tmp_path), "--kind", "stroke", "--quiet"])
     assert result.exit_code == 2, result.output
-    assert "nilearn" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "nilearn" in result.output and "factorizer-cli[atlas]" in result.output and len(result.output.strip().splitlines()) == 1

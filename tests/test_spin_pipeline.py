@@ -157,3 +157,11 @@ def test_a_spin_package_of_upstream_weights_segments(tmp_path):
     result = Segmenter(package, InferenceOptions(device="cpu"))([t1], keep_probabilities=True)
     assert result.probabilities.shape == (1, *nib.load(t1).shape)
     assert np.isfinite(result.probabilities).all()
+
+
+def test_the_stroke_example_card_builds_a_registered_slice_wise_spin():
+    card = ModelCard.load(Path(__file__).parent.parent / "examples" / "stroke-spin.json")
+    assert card.preprocessing.register == "mni152-2009a" and card.preprocessing.slice_context == 2
+    assert card.roi == (197, 233, 1) and card.in_channels == 5 and card.weights == ()
+    network = build(card.architecture)
+    assert sum(p.numel() for p in network.parameters()) == 260_072  # the fixtures' narrow widths

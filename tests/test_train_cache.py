@@ -129,7 +129,7 @@ def test_a_killed_write_is_never_read(tmp_path, preprocess_calls, monkeypatch):
         np.save(path, array)
 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr("factorizer_cli.train.cache._save", killed_save)
+        patch.setattr("factorizer_cli.train.cache.save_array", killed_save)
         _cache_all(CaseCache(folder), data_dir, card)
     assert list(folder.iterdir()) == [] and len(saved) == 1
 

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,7 +54,8 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FactorizerError as err:
-            error_console().print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escaped: messages name paths and commands such as pip install 'factorizer-cli[atlas]'
+            error_console().print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]

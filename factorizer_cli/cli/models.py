@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -138,7 +139,7 @@ def download(
         fetched = download_weights(card, revision=revision, progress=progress, accept_license=accept_license)
     note = acceptance_note(card)
     if note:
-        error_console().print(f"[yellow]licence:[/] {note}", highlight=False)
+        error_console().print(f"[yellow]licence:[/] {escape(note)}", highlight=False)
     for source, weight in fetched:
         typer.echo(f"{source.key}: {weight.status}, sha256 {weight.sha256}")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import InputError
@@ -178,9 +179,9 @@ def segment(
                             accept_license=accept_license)
     note = api.acceptance_note(opened.card)
     if note:
-        error_console().print(f"[yellow]licence:[/] {note}", highlight=False)
+        error_console().print(f"[yellow]licence:[/] {escape(note)}", highlight=False)
     for source in opened.unverified:
-        error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {source}; "
+        error_console().print(f"[yellow]warning:[/] unverified weights (no published checksum): {escape(str(source))}; "
                               f"`factorizer models verify {opened.card.name}` records the hash you trust",
                               highlight=False)
     to_folder = output.is_dir() or not output.suffix  # -o FOLDER: a dataset in, a label map per case out
@@ -203,7 +204,7 @@ def segment(
                                    precision=precision.value, knobs=knobs, label_convention=label_convention,
                                    threads=threads)
     for warning in segmenter.warnings:
-        error_console().print(f"[yellow]warning:[/] {warning}", highlight=False)
+        error_console().print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if dataset:
         report = _run_dataset(plan, segmenter, quiet)
         raise typer.Exit(1 if report.failed else 0)
@@ -217,7 +218,7 @@ def segment(
 def _summary(result: Segmentation, output: Path, seconds: float, device: str) -> None:
     console = error_console()
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     volumes = result.volumes()
     table = Table(title=f"{result.card.name} → {output}", title_justify="left", box=None)
     table.add_column("")
@@ -242,7 +243,7 @@ def _run_dataset(plan: DatasetPlan, segmenter: Segmenter, quiet: bool) -> Datase
             def report_case(result: CaseResult, done: int, total: int) -> None:
                 bar.update(task, completed=done)
                 if result.status == "failed" and not quiet:
-                    console.print(f"[red]failed:[/] {result.name}: {result.error.splitlines()[0]}", highlight=False)
+                    console.print(f"[red]failed:[/] {escape(result.name)}: {escape(result.error.splitlines()[0])}", highlight=False)
 
             report = plan.run(segmenter, stop_event=stop, on_result=report_case)
     finally:

@@ -112,6 +112,7 @@ class SliceWindow(nn.Module):
 
 
 def all_heads(network: nn.Module, x: Tensor) -> Tensor | Sequence[Tensor]:
+    """The default training heads: the full ``forward`` (deep supervision included)."""
     return network(x)
 
 

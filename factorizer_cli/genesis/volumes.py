@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,11 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, OutputError, one_line
+from ..errors import InputError, OutputError
 from ..io.atomic import cannot_write, make_folder, remove_stale_temporaries, temporary_sibling
 from ..io.cases import find_cases, label_marker, nifti_stem, nifti_suffix
 from ..io.images import read_image
 from ..pipeline.preprocess import preprocess
+from ..train.cache import file_identity, safe_name, save_array
 from ..zoo.cache import home
 from ..zoo.card import Normalization, Preprocessing
 
@@ -173,7 +173,7 @@ def prepare_volumes(found: Sequence[tuple[str, Sequence[Path]]], steps: Preproce
 
 def volume_key(files: Sequence[Path], steps: Preprocessing) -> str:
     """The hex digest naming a volume's entry: its files as they are now, the steps and the format."""
-    described = {"format": CACHE_FORMAT, "files": [_file_identity(f) for f in files],
+    described = {"format": CACHE_FORMAT, "files": [file_identity(f) for f in files],
                  "preprocessing": steps.to_dict(), "embedding_mm": EMBEDDING_MM}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -187,7 +187,7 @@ class VolumeCache:
 
     def volume(self, name: str, files: Sequence[Path], steps: Preprocessing) -> Volume:
         """The cached volume, preprocessing and storing it first if no complete entry exists."""
-        entry = self.folder / f"{_safe(name)}-{volume_key(files, steps)[:24]}"
+        entry = self.folder / f"{safe_name(name, 'volume')}-{volume_key(files, steps)[:24]}"
         if entry.exists():
             cached = _open(entry)
             if cached is not None:
@@ -205,8 +205,8 @@ class VolumeCache:
         temporary = temporary_sibling(entry)
         try:
             temporary.mkdir()
-            _save(temporary / "image.npy", np.ascontiguousarray(array, dtype=np.float16))
-            _save(temporary / "embedding.npy", embed(array))
+            save_array(temporary / "image.npy", np.ascontiguousarray(array, dtype=np.float16))
+            save_array(temporary / "embedding.npy", embed(array))
             meta = {"format": CACHE_FORMAT, "name": name, "shape": list(array.shape)}
             with open(temporary / "volume.json", "w", encoding="utf-8") as f:  # last: complete with it
                 json.dump(meta, f)
@@ -238,21 +238,3 @@ def _open(entry: Path) -> Volume | None:
         return None
     return Volume(meta["name"], entry, tuple(int(n) for n in meta["shape"]))
 
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_identity(path: Path) -> list:
-    try:
-        stat = Path(path).stat()
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror or one_line(err)})") from err
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:80] or "volume"

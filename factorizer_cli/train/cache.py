@@ -79,7 +79,7 @@ def case_key(files: Sequence[Path], label_file: Path, card: ModelCard, targets: 
     target definition (nothing the ROI or the network changes), and the cache format."""
     described = {
         "format": CACHE_FORMAT,
-        "files": [_file_identity(f) for f in (*files, label_file)],
+        "files": [file_identity(f) for f in (*files, label_file)],
         "preprocessing": card.preprocessing.to_dict(),
         "targets": {"activation": targets.activation, "outputs": list(targets.outputs),
                     "labels": [sorted(values) for values in targets.labels], "background": targets.background},
@@ -97,7 +97,7 @@ class CaseCache:
     def case(self, name: str, files: Sequence[Path], label_file: Path, card: ModelCard,
              targets: Targets) -> CachedCase:
         """The cached case, preprocessing and storing it first if no complete entry exists."""
-        entry = self.folder / f"{_safe(name)}-{case_key(files, label_file, card, targets)[:24]}"
+        entry = self.folder / f"{safe_name(name)}-{case_key(files, label_file, card, targets)[:24]}"
         # An entry appears only by rename, whole: one that exists but does not open was damaged since
         # (files deleted by hand) and is written anew. Checking existence first means a complete entry
         # another run renames into place meanwhile is never taken for a damaged one.
@@ -123,7 +123,7 @@ class CaseCache:
             temporary.mkdir()
             for file, array in (("image.npy", case.image), ("target.npy", case.target),
                                 ("foreground.npy", case.foreground)):
-                _save(temporary / file, np.ascontiguousarray(array))
+                save_array(temporary / file, np.ascontiguousarray(array))
             meta = {"format": CACHE_FORMAT, "name": case.name, "pad_value": int(case.pad_value)}
             with open(temporary / "case.json", "w", encoding="utf-8") as f:  # last: an entry is complete with it
                 json.dump(meta, f)
@@ -157,14 +157,16 @@ def _open(entry: Path) -> CachedCase | None:
     return CachedCase(meta["name"], entry, int(meta["pad_value"]))
 
 
-def _save(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray) -> None:
+    """An array as .npy, flushed to disk before the entry it belongs to is renamed into place."""
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
 
 
-def _file_identity(path: Path) -> list:
+def file_identity(path: Path) -> list:
+    """What a cache key knows of an input file: its resolved path, size and modification time (ns)."""
     try:
         stat = Path(path).stat()
     except OSError as err:
@@ -172,7 +174,7 @@ def _file_identity(path: Path) -> list:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str, empty: str = "case") -> str:
     """A case name as a folder name part (case names are folder or file names already; belt and braces)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:80] or "case"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")[:80] or empty
 
