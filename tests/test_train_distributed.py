@@ -129,6 +129,34 @@ def test_the_fp16_loss_scale_is_saved_with_the_state(tmp_path):
 
 
 @pytest.mark.slow
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun starts its workers in sessions of their own, so
+    a signal to its process group misses them, and a surviving worker would go on writing the run."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants, as a node failure would."""
+    for target in [pid, *_descendants(pid)]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_a_run_killed_under_torchrun_resumes_exactly(tmp_path):
     data, card = write_dataset(tmp_path / "data"), tiny_card(tmp_path / "card.json")
     steps, killed = 60, tmp_path / "killed"
@@ -139,7 +167,7 @@ def test_a_run_killed_under_torchrun_resumes_exactly(tmp_path):
     deadline = time.monotonic() + 300
     while _saved_step(killed) < 10 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both of its processes, at once
+    _kill_tree(process.pid)  # torchrun and both of its processes, at once
     process.wait()
     stopped_at = _saved_step(killed)
     assert 10 <= stopped_at < steps, "the run was not killed mid-way"
