@@ -43,11 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, OutputError
-from ..io.atomic import cannot_write, make_folder, remove_stale_temporaries, temporary_sibling
+from ..io.atomic import make_folder, remove_stale_temporaries
 from ..io.cases import find_cases, label_marker, nifti_stem, nifti_suffix
 from ..io.images import read_image
 from ..pipeline.preprocess import preprocess
-from ..train.cache import file_identity, safe_name, save_array
+from ..train.cache import file_identity, safe_name, write_entry
 from ..zoo.cache import home
 from ..zoo.card import Normalization, Preprocessing
 
@@ -202,28 +202,9 @@ class VolumeCache:
         return cached
 
     def _write(self, entry: Path, name: str, array: np.ndarray) -> None:
-        temporary = temporary_sibling(entry)
-        try:
-            temporary.mkdir()
-            save_array(temporary / "image.npy", np.ascontiguousarray(array, dtype=np.float16))
-            save_array(temporary / "embedding.npy", embed(array))
-            meta = {"format": CACHE_FORMAT, "name": name, "shape": list(array.shape)}
-            with open(temporary / "volume.json", "w", encoding="utf-8") as f:  # last: complete with it
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.rename(temporary, entry)
-            except OSError:
-                if _open(entry) is None:
-                    raise
-                shutil.rmtree(temporary, ignore_errors=True)  # another process wrote the same volume first
-        except OSError as err:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise OutputError(cannot_write(entry, err)) from err
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+        write_entry(entry, {"image.npy": array.astype(np.float16), "embedding.npy": embed(array)}, "volume.json",
+                    {"format": CACHE_FORMAT, "name": name, "shape": list(array.shape)},
+                    lambda: _open(entry) is not None)
 
 
 def _open(entry: Path) -> Volume | None:

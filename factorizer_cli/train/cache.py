@@ -26,7 +26,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,29 +118,38 @@ class CaseCache:
         return remove_stale_temporaries(self.folder)
 
     def _write(self, entry: Path, case: data.TrainingCase) -> None:
-        temporary = temporary_sibling(entry)
+        write_entry(entry, {"image.npy": case.image, "target.npy": case.target, "foreground.npy": case.foreground},
+                    "case.json", {"format": CACHE_FORMAT, "name": case.name, "pad_value": int(case.pad_value)},
+                    lambda: _open(entry) is not None)
+
+
+def write_entry(entry: Path, arrays: dict[str, np.ndarray], meta_file: str, meta: dict,
+                complete: Callable[[], bool]) -> None:
+    """A cache entry folder written whole or not at all: the arrays, then ``meta_file`` (an entry is
+    complete with it), in a temporary sibling renamed into place. Another process that wrote the same
+    entry first wins (``complete()`` says so); anything else is an ``OutputError``. Shared by the
+    training and pretraining caches."""
+    temporary = temporary_sibling(entry)
+    try:
+        temporary.mkdir()
+        for file, array in arrays.items():
+            save_array(temporary / file, np.ascontiguousarray(array))
+        with open(temporary / meta_file, "w", encoding="utf-8") as f:  # last: an entry is complete with it
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            temporary.mkdir()
-            for file, array in (("image.npy", case.image), ("target.npy", case.target),
-                                ("foreground.npy", case.foreground)):
-                save_array(temporary / file, np.ascontiguousarray(array))
-            meta = {"format": CACHE_FORMAT, "name": case.name, "pad_value": int(case.pad_value)}
-            with open(temporary / "case.json", "w", encoding="utf-8") as f:  # last: an entry is complete with it
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.rename(temporary, entry)
-            except OSError:
-                if _open(entry) is None:  # not another writer's complete entry: a real failure
-                    raise
-                shutil.rmtree(temporary, ignore_errors=True)  # another process wrote the same case first
-        except OSError as err:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise OutputError(cannot_write(entry, err)) from err
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+            os.rename(temporary, entry)
+        except OSError:
+            if not complete():  # not another writer's complete entry: a real failure
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)  # another process wrote the same entry first
+    except OSError as err:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise OutputError(cannot_write(entry, err)) from err
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _open(entry: Path) -> CachedCase | None:
