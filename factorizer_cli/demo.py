@@ -18,7 +18,8 @@ from .phantom import MODALITIES, case_id, generate, write_case
 from .pipeline.metrics import evaluate_case
 from .pipeline.preview import write_preview
 from .pipeline.segment import InferenceOptions, Segmenter
-from .zoo.resolve import resolve_model
+from .zoo.registry import zoo_card
+from .zoo.resolve import fetch_zoo_model
 
 DEMO_MODEL = "demo"
 DEMO_SEED, DEMO_INDEX = 3, 0  # a series the demo model never saw in training (seed 1)
@@ -47,7 +48,7 @@ def run_demo(out_dir: str | Path, options: InferenceOptions = InferenceOptions()
     seconds["phantom"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    package = resolve_model(DEMO_MODEL, offline=True).package
+    package = fetch_zoo_model(zoo_card(DEMO_MODEL), offline=True).package  # the zoo's, whatever folders are here
     segmenter = Segmenter(package, options)
     result = segmenter([paths[m] for m in MODALITIES])
     segmentation, preview = out / f"{name}-pred.nii.gz", out / f"{name}-preview.png"

@@ -30,7 +30,8 @@ def test_demo_weights_ship_small_and_checksummed():
 def test_demo_runs_offline_and_matches_its_card(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTORIZER_HOME", str(tmp_path / "empty-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "demo"), "--device", "cpu"])
+    monkeypatch.chdir(tmp_path)  # "-o demo": a folder named like the model must not stand in for it
+    result = CliRunner().invoke(app, ["demo", "-o", "demo", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     recorded = zoo_card("demo").metrics["demo_case"]["dice"]
     for region in ("WT", "TC", "ET"):

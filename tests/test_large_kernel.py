@@ -153,11 +153,11 @@ def test_a_normalized_one_channel_residual_needs_no_conv_output():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
 def test_convs_from_one_channel_stay_channels_last(kernel):
     g = _generator(6)
     conv = nn.Conv3d(1, 8, kernel, padding=kernel // 2)
-    x = torch.randn(1, 1, 10, 11, 12, generator=g)
+    x = torch.randn(1, 1, 10, 11, 13, generator=g)
     with torch.no_grad():
         y = _conv(conv, x)
         torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)

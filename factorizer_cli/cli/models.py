@@ -49,9 +49,11 @@ def list_models() -> None:
     `factorizer models verify`; *no*: no published checksum yet. A `*` after a name: its licence is
     not permissive (e.g. non-commercial), and `models download` and `segment` need `--accept-license`.
     """
-    table = Table(box=None, pad_edge=False, header_style="bold")
+    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1, 0, 0))
     table.add_column("name", no_wrap=True)
-    for column in ("task", "inputs", "params", "cached", "verified"):
+    table.add_column("task", min_width=16)  # whole words at 80 columns, beside the longest name
+    table.add_column("inputs", max_width=11)
+    for column in ("params", "cached", "verified"):
         table.add_column(column, overflow="fold")
     from ..api import license_terms, weight_sources, zoo_models
 

@@ -80,27 +80,27 @@ def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
     """``conv(x)``, channels-last even from one input channel.
 
     From a single input channel PyTorch leaves oneDNN for a slow reference kernel with an NCDHW
-    output; such a conv is a product of the k³ neighbourhoods (k³ columns) with the kernels, whose
-    result is already channels-last.
+    output. A 1×1×1 conv is then an outer product: one broadcast, written channels-last. A k³ conv
+    becomes a conv of its input's k depth-shifted copies, taken as k channels, with a 1×k×k kernel:
+    oneDNN again, 3x faster than the reference kernel or a product with the k³ neighbourhoods
+    (1 → 48 channels at 96³, 2 cores). (The strided 7³ stem measured no faster this way.)
     """
     weight, bias = conv.weight, conv.bias
     if (x.shape[1] != 1 or weight.shape[1] != 1 or conv.stride != (1, 1, 1) or x.shape[0] != 1
             or x.device.type != "cpu"):  # cuDNN handles one input channel well
         return F.conv3d(x, weight, bias, conv.stride, conv.padding)
     kernel, padding = weight.shape[2:], conv.padding
-    if tuple(kernel) == (1, 1, 1):  # an outer product: one broadcast, written channels-last
+    if tuple(kernel) == (1, 1, 1):
         y = torch.empty((1, weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device,
                         memory_format=CHANNELS_LAST)
         torch.mul(x, weight.reshape(1, -1, 1, 1, 1), out=y)
         return y if bias is None else y.add_(bias.reshape(1, -1, 1, 1, 1))
-    padded = F.pad(x[0, 0], [p for p in reversed(padding) for _ in range(2)])
-    windows = padded.unfold(0, kernel[0], 1).unfold(1, kernel[1], 1).unfold(2, kernel[2], 1)
-    spatial = windows.shape[:3]
-    columns = windows.reshape(-1, weight[0].numel())  # one copy: voxels × k³
-    y = columns @ weight.reshape(weight.shape[0], -1).t()
-    if bias is not None:
-        y.add_(bias)
-    return y.reshape(1, *spatial, weight.shape[0]).permute(0, 4, 1, 2, 3)
+    padded = F.pad(x[0, 0], (0, 0, 0, 0, padding[0], padding[0]))
+    depth = padded.shape[0] - kernel[0] + 1
+    shifted = torch.stack([padded[k:k + depth] for k in range(kernel[0])], dim=-1)  # D × H × W × k
+    taps = weight.reshape(weight.shape[0], kernel[0], 1, *kernel[1:]).contiguous(memory_format=CHANNELS_LAST)
+    y = F.conv3d(shifted[None].permute(0, 4, 1, 2, 3), taps, bias, padding=(0, *padding[1:]))
+    return y.contiguous(memory_format=CHANNELS_LAST)  # small maps may take a reference kernel (NCDHW)
 
 
 def _conv_over_input(conv: nn.Conv3d, x: Tensor, slab: int = 8) -> Tensor:
