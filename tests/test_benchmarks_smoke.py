@@ -123,3 +123,22 @@ def test_train_benchmark_runs_at_a_tiny_size(tmp_path):
     assert {"2-cold", "2-warm"} <= set(results["memory"])
     assert all(run["peak_tree_rss_gb"] > 0 and run["tree_processes"] >= 1 for run in results["memory"].values())
     assert results["processes"]["2"]["processes"] == 2 and results["processes"]["2"]["patches_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_pretrain_benchmark_runs_at_a_tiny_size(tmp_path):
+    """Small phantoms, two steps each: pretrain, both fine-tuning arms over two seeds, segment, score."""
+    out = tmp_path / "pretrain.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "pretrain.py"), "--unlabelled", "4", "--labelled", "1", "--held-out", "1",
+         "--seeds", "0", "1", "--pretrain-seeds", "shared", "--pretrain-steps", "2", "--finetune-steps", "2",
+         "--classes", "2", "--shape", "64", "64", "48", "--cube", "16", "--roi", "16", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "FACTORIZER_HOME": str(tmp_path / "home")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert list(results["pretraining"]) == ["0"] and results["pretraining"]["0"]["pretraining_step"] == 2
+    for arm in ("scratch", "pretrained"):
+        assert list(results["arms"][arm]) == ["0", "1"]
+        assert all(set(run["dice"]) == {"WT", "TC", "ET", "mean"} for run in results["arms"][arm].values())
+    assert len(results["gain_per_seed"]) == 2
+    assert "pretrained - scratch, mean Dice, per seed" in result.stdout
