@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODALITIES = ("t1n", "t1c", "t2w", "t2f")
+from factorizer_cli.phantom import MODALITIES  # the phantoms' four, in BraTS order
+
 UNLABELLED_SERIES, LABELLED_SERIES, HELD_OUT_SERIES = 11, 12, 13
 
 
