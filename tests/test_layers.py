@@ -47,18 +47,39 @@ def test_linear_over_several_inputs_equals_linear_over_their_concatenation():
         linear(a)
 
 
+# Channels last: CPU inference's layout (voxel rows, chunks over both samples' voxels).
+FORMATS = [torch.contiguous_format, torch.channels_last_3d]
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_linear_in_either_layout_keeps_it(memory_format):
+    torch.manual_seed(0)
+    linear = ft.Linear(10, 4)
+    a, b = (torch.randn(2, c, 5, 4, 3).contiguous(memory_format=memory_format) for c in (6, 4))
+    expected = nn.functional.conv3d(torch.cat([a, b], 1), linear.linear.weight[..., None, None],
+                                    linear.linear.bias)
+    out = linear(a, b)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
 @pytest.mark.parametrize("bias", [True, False])
-def test_norm_linear_equals_linear_of_norm(small_chunks, bias):
+def test_norm_linear_equals_linear_of_norm(small_chunks, bias, memory_format):
     torch.manual_seed(0)
     norm, linear = ft.LayerNorm(8), ft.Linear(8, 5, bias=bias)
     x = torch.randn(2, 8, 13, 12, 11)  # 1716 voxels: chunks of 1024 and a ragged 692
-    torch.testing.assert_close(layers.norm_linear(x, norm, linear), linear(norm(x)))
+    expected = linear(norm(x))
+    out = layers.norm_linear(x.contiguous(memory_format=memory_format), norm, linear)
+    torch.testing.assert_close(out, expected)
+    assert out.is_contiguous(memory_format=memory_format)
 
 
-def test_mlp_residual_in_place_equals_the_residual_sum(small_chunks):
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_mlp_residual_in_place_equals_the_residual_sum(small_chunks, memory_format):
     torch.manual_seed(0)
     norm, mlp = ft.LayerNorm(8), ft.MLP(8, ratio=3)
-    x = torch.randn(2, 8, 13, 12, 11)
+    x = torch.randn(2, 8, 13, 12, 11).contiguous(memory_format=memory_format)
     expected = x + mlp(norm(x))
     out = layers.mlp_residual_(x, norm, mlp)
     assert out is x

@@ -1,9 +1,10 @@
 """One NMF computation, four formulations: they must agree on every output head within 1e-4.
 
 - textbook: eval mode with autograd on (``NMF.decompose``'s iterations, out-of-place window loop);
-- inference: autograd off (rank-1 HALS on the Gram matrix, slabs of windows folded back in place,
-  the reconstruction written over its input), with every chunk and slab size forced small so that
-  each loop runs several times and ends on a ragged piece;
+- inference: autograd off, channels last (rank-1 HALS on the Gram matrix: for ReLU rank 1 from the
+  statistics of half-window blocks, ``nn.swin_gram``; otherwise, and for rank 1 once more with the
+  blocks off, slabs of windows folded back in place, the reconstruction written over its input), with
+  every chunk and slab size forced small so that each loop runs several times and ends on a ragged piece;
 - recorded: the component capture's path (factors kept and handed to a recorder);
 - exported: ``ExportGraph``, the formulation the ONNX exporter traces (channels last, windows as
   Gathers, all heads' Gram matrices at once, a tensor ε), evaluated in PyTorch.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 import factorizer_cli as ft
-from factorizer_cli.nn import blocks, factorization, layers, matricize
+from factorizer_cli.nn import blocks, factorization, layers, matricize, swin_gram
 from factorizer_cli.nn.components import capture
 from factorizer_cli.nn.export_graph import ExportGraph
 
@@ -77,6 +78,13 @@ def small_chunks(monkeypatch):
     return slabs
 
 
+def _recording(fn, calls: list):
+    def recorded(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fn(*args, **kwargs)
+    return recorded
+
+
 def _heads(out) -> list[torch.Tensor]:
     return [o.detach() for o in (out if isinstance(out, list) else [out])]
 
@@ -92,18 +100,32 @@ def _assert_agree(name: str, got: list[torch.Tensor], expected: list[torch.Tenso
 @pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("kind", ["SegmentationFactorizer", "Factorizer"])
-def test_textbook_inference_recorded_and_exported_paths_agree(kind, act, solver, small_chunks):
+def test_textbook_inference_recorded_and_exported_paths_agree(kind, act, solver, small_chunks, monkeypatch):
     net, x = network(kind, act, solver), example_input()
     with torch.enable_grad():
         textbook = _heads(net(x))
     assert all(torch.isfinite(t).all() for t in textbook)
     assert len(textbook) == 2
 
+    # ReLU, rank-1 HALS and two half-shifted partitions of even windows (every published Swin
+    # Factorizer): inference runs on half-window blocks (nn.swin_gram), never cutting windows; the
+    # windowed path, which serves every other configuration, is checked here with the blocks turned off.
+    blocks_apply = act == "relu" and solver == "hals-rank1"
+    block_calls = []
+    monkeypatch.setattr(swin_gram, "swin_gram_residual", _recording(swin_gram.swin_gram_residual, block_calls))
     small_chunks.clear()
     with torch.no_grad():
         inference = _heads(net(x))
-    assert (8, (0, 3)) in small_chunks and (8, (6, 8)) in small_chunks, "the slab loop was not exercised"
+    assert bool(block_calls) == blocks_apply
+    assert all(t.is_contiguous() for t in inference), "channels-last inference must hand back the usual layout"
     _assert_agree("inference", inference, textbook)
+    if blocks_apply:
+        assert not small_chunks, "a window was cut although the blocks apply"
+        monkeypatch.setattr(swin_gram, "applies", lambda *args: False)
+        with torch.no_grad():
+            windowed = _heads(net(x))
+        _assert_agree("windowed inference", windowed, textbook)
+    assert (8, (0, 3)) in small_chunks and (8, (6, 8)) in small_chunks, "the slab loop was not exercised"
 
     with torch.no_grad(), capture(net, ["encoder.0", "bottleneck", "decoder.0"]) as recorders:
         recorded = _heads(net(x))

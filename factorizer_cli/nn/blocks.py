@@ -18,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from . import swin_gram
 from .factorization import NMF
-from .layers import MLP, LayerNorm, Linear, Residual, mlp_residual_, norm_linear
+from .layers import MLP, LayerNorm, Linear, Residual, is_channels_last, mlp_residual_, norm_linear
 from .matricize import Matricize, partition_mean, partition_mean_
 from .partial import PartialSpec, partialize
 
@@ -119,9 +120,11 @@ def _pre_norm_residual(x: Tensor, norm: nn.Module, sub: nn.Module, x_is_ours: bo
     ``x_is_ours``: ``x`` was made inside this block, so the MLP residual may update it in place.
     """
     if isinstance(norm, LayerNorm):
-        if isinstance(sub, MLP) and x_is_ours and x.is_contiguous():
+        if isinstance(sub, MLP) and x_is_ours and (x.is_contiguous() or is_channels_last(x)):
             return mlp_residual_(x, norm, sub)
         if isinstance(sub, FactorizerSubblock):
+            if swin_gram.applies(x, norm, sub):
+                return swin_gram.swin_gram_residual(x, norm, sub)
             return sub(x, norm=norm).add_(x)
     return sub(norm(x)) + x
 

@@ -27,6 +27,11 @@ class Linear(nn.Module):
     def forward(self, *parts: Tensor) -> Tensor:
         weight, bias = self.linear.weight[..., 0], self.linear.bias
         first = parts[0]
+        channels = sum(part.shape[1] for part in parts)
+        if channels != weight.shape[1]:
+            raise ValueError(f"Linear expects {weight.shape[1]} input channels, got {channels}")
+        if all(is_channels_last(part) for part in parts):
+            return self._forward_rows(parts, weight, bias)
         out, start = None, 0
         for part in parts:
             flat = part.flatten(2)
@@ -34,11 +39,23 @@ class Linear(nn.Module):
             start += flat.shape[1]
             # Out of place: under autocast an in-place op would mix the fp16 ``out`` with fp32 inputs.
             out = torch.bmm(w, flat) if out is None else torch.baddbmm(out, w, flat)
-        if start != weight.shape[1]:
-            raise ValueError(f"Linear expects {weight.shape[1]} input channels, got {start}")
         if bias is not None:
             out.add_(bias[:, None])  # in place: bmm's backward does not need its output
         return out.view(first.shape[0], -1, *first.shape[2:])
+
+    @staticmethod
+    def _forward_rows(parts: tuple[Tensor, ...], weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Channels-last maps are voxel rows already: one matrix product per part, no transposes."""
+        out, start = None, 0
+        for part in parts:
+            rows, channels = voxel_rows(part), part.shape[1]
+            w = weight[:, start : start + channels].t()
+            start += channels
+            if out is None:
+                out = rows @ w if bias is None else torch.addmm(bias, rows, w)
+            else:
+                out = torch.addmm(out, rows, w)
+        return from_voxel_rows(out, parts[0].shape)
 
 
 class LayerNorm(nn.Module):
@@ -111,6 +128,21 @@ class Residual(nn.Module):
 _CHUNK_ELEMENTS = 1 << 20
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` (``B × C × *spatial``) is stored channels last, so that its voxels are rows."""
+    return x.dim() > 2 and x.shape[1] > 1 and x.movedim(1, -1).is_contiguous() and not x.is_contiguous()
+
+
+def voxel_rows(x: Tensor) -> Tensor:
+    """A channels-last map as a ``voxels × channels`` matrix, a view."""
+    return x.movedim(1, -1).view(-1, x.shape[1])
+
+
+def from_voxel_rows(rows: Tensor, shape: torch.Size) -> Tensor:
+    """``voxels × C'`` rows as a channels-last ``B × C' × *spatial`` map, a view."""
+    return rows.view(shape[0], *shape[2:], rows.shape[1]).movedim(-1, 1)
+
+
 def _voxel_chunks(flat: Tensor):
     batch, channels, length = flat.shape
     step = max(1024, _CHUNK_ELEMENTS // channels)
@@ -119,31 +151,53 @@ def _voxel_chunks(flat: Tensor):
             yield b, slice(start, start + step)
 
 
-def _layer_norm_rows(rows: Tensor, norm: LayerNorm) -> Tensor:
-    """``rows``: voxels × channels."""
+def _row_chunks(rows: Tensor):
+    step = max(1024, _CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        yield slice(start, start + step)
+
+
+def layer_norm_rows(rows: Tensor, norm: LayerNorm) -> Tensor:
+    """``norm`` applied to ``rows`` (voxels × channels)."""
     n = norm.norm
     return F.layer_norm(rows, n.normalized_shape, n.weight, n.bias, n.eps)
 
 
 def norm_linear(x: Tensor, norm: LayerNorm, linear: Linear) -> Tensor:
-    """``linear(norm(x))`` without materializing ``norm(x)``."""
-    flat = x.flatten(2)
+    """``linear(norm(x))`` without materializing ``norm(x)``; channels-last in, channels-last out."""
     weight, bias = linear.linear.weight[..., 0], linear.linear.bias
+    if is_channels_last(x):
+        rows = voxel_rows(x)
+        out = rows.new_empty((rows.shape[0], weight.shape[0]))
+        for voxels in _row_chunks(rows):
+            normed = layer_norm_rows(rows[voxels], norm)
+            # Out of place, then copied: ``out=`` would bypass autocast.
+            out[voxels] = normed @ weight.t() if bias is None else torch.addmm(bias, normed, weight.t())
+        return from_voxel_rows(out, x.shape)
+    flat = x.flatten(2)
     out = x.new_empty((flat.shape[0], weight.shape[0], flat.shape[2]))
     for b, voxels in _voxel_chunks(flat):
-        rows = _layer_norm_rows(flat[b, :, voxels].t(), norm)
+        rows = layer_norm_rows(flat[b, :, voxels].t(), norm)
         result = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         out[b, :, voxels] = result.t()
     return out.view(x.shape[0], -1, *x.shape[2:])
 
 
+def mlp_rows_(rows: Tensor, norm: LayerNorm, mlp: MLP) -> Tensor:
+    """``rows += mlp(norm(rows))`` in place for voxel rows (``voxels × C``), in one piece."""
+    fc1, act, _, fc2, _ = mlp.block
+    hidden = act(torch.addmm(fc1.linear.bias, layer_norm_rows(rows, norm), fc1.linear.weight[..., 0].t()))
+    return rows.add_(torch.addmm(fc2.linear.bias, hidden, fc2.linear.weight[..., 0].t()))
+
+
 def mlp_residual_(x: Tensor, norm: LayerNorm, mlp: MLP) -> Tensor:
     """``x += mlp(norm(x))`` in place, chunk by chunk (inference; dropout is the identity)."""
-    fc1, act, _, fc2, _ = mlp.block
-    w1, b1 = fc1.linear.weight[..., 0], fc1.linear.bias
-    w2, b2 = fc2.linear.weight[..., 0], fc2.linear.bias
+    if is_channels_last(x):
+        rows = voxel_rows(x)
+        for voxels in _row_chunks(rows):
+            mlp_rows_(rows[voxels], norm, mlp)
+        return x
     flat = x.flatten(2)
     for b, voxels in _voxel_chunks(flat):
-        hidden = act(torch.addmm(b1, _layer_norm_rows(flat[b, :, voxels].t(), norm), w1.t()))
-        flat[b, :, voxels] += torch.addmm(b2, hidden, w2.t()).t()
+        mlp_rows_(flat[b, :, voxels].t(), norm, mlp)  # a transposed view: the sum lands in ``x``
     return x

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputShapeError
@@ -139,6 +140,8 @@ class UNet(nn.Module):
     def forward_features(self, x: Tensor, levels: int = 1) -> list[Tensor]:
         """Decoder outputs, full resolution first; only the first ``levels`` are kept."""
         self.check_input(x)
+        if _channels_last_inference(self, x):
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         features = []
         h = self.stem(x)
         for stage in self.encoder.blocks:
@@ -159,14 +162,22 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         if not self.num_deep_supr:
-            return self.head(self.forward_features(x)[0])
+            return self.head(self.forward_features(x)[0]).contiguous()
         features = self.forward_features(x, levels=self.num_deep_supr)
-        return [head(f) for head, f in zip(self.heads, features)]
+        return [head(f).contiguous() for head, f in zip(self.heads, features)]
 
     def predict(self, x: Tensor) -> Tensor:
         """Full-resolution logits only (the other deep-supervision heads are skipped)."""
         head = self.head if not self.num_deep_supr else self.heads[0]
-        return head(self.forward_features(x)[0])
+        return head(self.forward_features(x)[0]).contiguous()
+
+
+def _channels_last_inference(net: nn.Module, x: Tensor) -> bool:
+    """3D inference on the CPU runs channels last: oneDNN's convolutions take it without reorders and
+    every per-voxel layer (norms, 1×1 layers, the Gram path's blocks) reads voxels as rows, with no
+    transposes (``layers.voxel_rows``). Training, tracing and other devices keep the default format."""
+    return (x.dim() == 5 and x.device.type == "cpu" and not torch.is_grad_enabled() and not net.training
+            and not torch.jit.is_tracing())
 
 
 def _stage(pos_embed: PartialSpec | None = None, **kwargs: Any) -> PartialSpec:
