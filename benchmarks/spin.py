@@ -139,14 +139,17 @@ def upstream_probabilities(checkout: str, network, array, repeats: int):
     return probabilities, _best_of(run, repeats)
 
 
-def our_probabilities(network, array, repeats: int, batch: int):
+def our_probabilities(network, array, repeats: int, batch: int | None):
     """The pipeline's slice-wise path over ``array`` (H, W, D); returns (probabilities, seconds)."""
     import numpy as np
     import torch
 
     from factorizer_cli.families import activate, family_of, window_logits
     from factorizer_cli.pipeline.preprocess import stack_slices
+    from factorizer_cli.pipeline.segment import SLICES_PER_CALL
     from factorizer_cli.pipeline.sliding_window import sliding_window_inference
+
+    batch = batch or SLICES_PER_CALL
 
     prepared = family_of(network).prepare(network)
     result = {}
@@ -175,7 +178,7 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def measure(side: str, checkout: str | None, repeats: int, batch: int, out: str) -> dict:
+def measure(side: str, checkout: str | None, repeats: int, batch: int | None, out: str) -> dict:
     configure_cpu_runtime()
     import numpy as np
 
@@ -188,17 +191,17 @@ def measure(side: str, checkout: str | None, repeats: int, batch: int, out: str)
     return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_side(side: str, checkout: str | None, repeats: int, batch: int, folder: Path) -> dict:
+def run_side(side: str, checkout: str | None, repeats: int, batch: int | None, folder: Path) -> dict:
     out = folder / f"{side}.npy"
-    command = [sys.executable, __file__, "--child", side, "--repeats", str(repeats), "--batch", str(batch),
-               "--out", str(out)] + (["--upstream", checkout] if checkout else [])
+    command = [sys.executable, __file__, "--child", side, "--repeats", str(repeats), "--out", str(out)]
+    command += (["--upstream", checkout] if checkout else []) + (["--batch", str(batch)] if batch else [])
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{side} failed:\n{result.stderr[-3000:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "output": out}
 
 
-def compare(checkout: str | None, repeats: int, rounds: int, batch: int) -> dict:
+def compare(checkout: str | None, repeats: int, rounds: int, batch: int | None) -> dict:
     import numpy as np
 
     sides = ["ours"] + (["upstream"] if checkout else [])
@@ -207,7 +210,8 @@ def compare(checkout: str | None, repeats: int, rounds: int, batch: int) -> dict
         for _ in range(rounds):
             for side in sides:
                 runs[side].append(run_side(side, checkout, repeats, batch, Path(tmp)))
-        row: dict[str, Any] = {"network": "SPiN published", "volume": "x".join(map(str, SHAPE)), "batch": batch}
+        row: dict[str, Any] = {"network": "SPiN published", "volume": "x".join(map(str, SHAPE)),
+                               "batch": batch or "segment's"}
         for side in sides:
             row[f"{side}_s"] = round(statistics.median(r["seconds"] for r in runs[side]), 2)
             row[f"{side}_peak_mib"] = round(max(r["peak_mib"] for r in runs[side]))
@@ -224,7 +228,7 @@ def main() -> None:
     parser.add_argument("--upstream", help="alexklwong/subpixel-embedding-segmentation checkout (outside this repo)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=1, help="slices per network call (ours)")
+    parser.add_argument("--batch", type=int, help="slices per network call (ours; default: segment's)")
     parser.add_argument("--json", help="write the row here too")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

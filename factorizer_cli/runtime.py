@@ -17,10 +17,21 @@ and do nothing to ``libgomp``.
 libgomp reads its environment once, when it is loaded (with ``import torch``), so these settings must
 be in ``os.environ`` before that: call :func:`configure_cpu_runtime` first thing in an entry point.
 Library code never calls it (it does not touch the environment of a program that imports it).
+
+The second setting is glibc's allocator (:func:`tune_allocator`). By default a freed block above the
+mmap threshold (at most 32 MiB), and any free space above 128 KiB-64 MiB at the top of the heap, go
+back to the kernel at once; the next forward asks for the same sizes again and the kernel faults every
+page in, zeroed. Measured on 2 cores, window after window: SPiN's whole-volume benchmark spent 46 s of
+system time of 257 s CPU (13 s with the setting below: ours 32.7 → 26.9 s, upstream's loop 51.1 →
+44.5 s, the same settings on both sides); the Factorizer forward's system time fell from 19-24 s to
+17 s over a run. Keeping the top of the heap (trim threshold 1 GiB) and a fixed 32 MiB mmap threshold
+ends the refaulting of every buffer below 32 MiB; larger ones are still mapped each time (turning mmap
+off altogether cut more system time but raised the forward's peak memory by a third).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import MutableMapping
@@ -30,6 +41,11 @@ CPU_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 # Variables that decide libgomp's waiting themselves: if the user set one, we add none of ours, since
 # GOMP_SPINCOUNT overrides the spin count that OMP_WAIT_POLICY would imply.
 _USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# glibc mallopt parameters (malloc.h) and our values; any of the user's own malloc settings wins.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+ALLOCATOR_DEFAULTS: dict[int, int] = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 1 << 30}
+_USER_ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                            "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def openmp_loaded() -> bool:
@@ -58,4 +74,21 @@ def configure_cpu_runtime(environ: MutableMapping[str, str] | None = None) -> bo
     if not any(name in env for name in _USER_WAIT_SETTINGS):
         for name, value in CPU_DEFAULTS.items():
             env.setdefault(name, value)
+    if environ is None:
+        tune_allocator()
     return not openmp_loaded()
+
+
+def tune_allocator(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Keep freed memory in this process instead of returning it to the kernel (see the module's
+    docstring); True if glibc took the settings. Nothing is changed where the user set any malloc
+    variable or preloads another allocator (jemalloc, tcmalloc), or where the C library is not glibc."""
+    env = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or any(name in env for name in _USER_ALLOCATOR_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and other C libraries
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all([mallopt(param, value) == 1 for param, value in ALLOCATOR_DEFAULTS.items()])

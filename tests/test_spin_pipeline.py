@@ -21,7 +21,7 @@ from factorizer_cli.export import export_onnx
 from factorizer_cli.families import TrainingView, build, family_of
 from factorizer_cli.io.images import read_image
 from factorizer_cli.nn.spin_inference import phase_weights
-from factorizer_cli.pipeline.segment import InferenceOptions, Segmenter
+from factorizer_cli.pipeline.segment import SLICES_PER_CALL, InferenceOptions, Segmenter
 from factorizer_cli.pipeline.sliding_window import mirror_tta
 from factorizer_cli.zoo.card import ModelCard
 from factorizer_cli.zoo.onnx_file import open_onnx
@@ -76,6 +76,26 @@ def test_the_inference_form_computes_the_training_form(size):
         assert (e - g).abs().max() <= 1e-5 * max(1.0, float(e.abs().max()))
     assert all(n.shape == p.shape for n, p in zip(network.state_dict().values(), network.state_dict().values()))
     assert network.memory_format is torch.contiguous_format  # the training form is untouched
+
+
+@pytest.mark.parametrize("resolutions", [[0, 1], [0, 2]])
+def test_the_full_resolution_levels_run_one_slice_at_a_time_with_the_same_numbers(resolutions):
+    """The inference form batches the coarse levels and runs the 2H×2W and H×W ones slice by slice,
+    unless guidance joins a coarse level (it then needs every slice's embedding first)."""
+    network = build({**NARROW, "resolutions_subpixel_guidance": resolutions}).eval()
+    prepared = family_of(network).prepare(network)
+    embedding_batches = []
+    prepared.decoder_subpixel_embedding.register_forward_hook(lambda m, i, o: embedding_batches.append(len(o)))
+    x = torch.randn(3, 5, 41, 45, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        sliced = prepared(x)
+        prepared.slice_by_slice = False
+        whole = prepared(x)
+        expected = network(x)
+    assert embedding_batches == ([1, 1, 1, 3] if resolutions == [0, 1] else [3, 3])
+    for s, w, e in zip(sliced, whole, expected):  # oneDNN may pick other kernels for other batch sizes
+        torch.testing.assert_close(s, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(s, e, atol=1e-5, rtol=1e-5)
 
 
 def test_phase_weights_are_a_resize_then_a_conv():
@@ -145,7 +165,11 @@ def test_a_spin_card_trains_segments_and_exports(tmp_path, monkeypatch):
     assert max(exported.max_abs_diff.values()) <= 1e-4
     onnx_result = Segmenter(open_onnx(tmp_path / "spin.onnx"), InferenceOptions(device="cpu"))(
         [read_image(t1)], keep_probabilities=True)
-    torch_result = Segmenter(package, InferenceOptions(device="cpu"))([t1], keep_probabilities=True)
+    segmenter = Segmenter(package, InferenceOptions(device="cpu"))
+    slices_per_call, predictor = [], segmenter.predictor
+    segmenter.predictor = lambda x: slices_per_call.append(x.shape[0]) or predictor(x)
+    torch_result = segmenter([t1], keep_probabilities=True)
+    assert max(slices_per_call) == SLICES_PER_CALL  # batches of slices by default, not one at a time
     assert np.abs(torch_result.probabilities - onnx_result.probabilities).max() <= 1e-4
 
 

@@ -108,8 +108,9 @@ def segment(
     overlap: Annotated[float | None, typer.Option(
         min=0.0, max=0.95, help="Sliding-window overlap (default: the model's, usually 0.5).",
         rich_help_panel=INFERENCE_PANEL)] = None,
-    sw_batch_size: Annotated[int, typer.Option(
-        min=1, help="Windows per forward pass.", rich_help_panel=INFERENCE_PANEL)] = 1,
+    sw_batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Windows per forward pass (default: 1; slices of a slice-wise model: 8).",
+        rich_help_panel=INFERENCE_PANEL)] = None,
     tta: Annotated[bool, typer.Option(
         "--tta/--no-tta", help="Mirror test-time augmentation (8 flips: slower, a little better).",
         rich_help_panel=INFERENCE_PANEL)] = False,
