@@ -13,7 +13,7 @@ MNI152 template's anatomy when nilearn is installed, scaled to ATLAS's intensiti
 - **ours**: what ``factorizer segment`` runs after preprocessing: the normalized volume with
   neighbouring slices as channels (``pipeline.preprocess.stack_slices``), the family's inference form
   (``nn.spin_inference``), the sliding window over ``[197, 233, 1]`` windows (``--batch`` slices per
-  call), sigmoid, threshold.
+  call; a constant window run once and its output reused, as segment does), sigmoid, threshold.
 
 Both time the whole volume (the best of ``--repeats`` after a warm-up), each in a fresh process (its
 peak memory its own; rounds alternate), after the ``factorizer`` command's CPU defaults
@@ -147,7 +147,7 @@ def our_probabilities(network, array, repeats: int, batch: int | None):
     from factorizer_cli.families import activate, family_of, window_logits
     from factorizer_cli.pipeline.preprocess import stack_slices
     from factorizer_cli.pipeline.segment import SLICES_PER_CALL
-    from factorizer_cli.pipeline.sliding_window import sliding_window_inference
+    from factorizer_cli.pipeline.sliding_window import reuse_constant_windows, sliding_window_inference
 
     batch = batch or SLICES_PER_CALL
 
@@ -159,7 +159,7 @@ def our_probabilities(network, array, repeats: int, batch: int | None):
         with torch.inference_mode():
             probs = sliding_window_inference(
                 torch.from_numpy(stacked), (*SHAPE[:2], 1),
-                lambda x: activate(window_logits(prepared, x, slice_wise=True), "sigmoid"),
+                reuse_constant_windows(lambda x: activate(window_logits(prepared, x, slice_wise=True), "sigmoid")),
                 overlap=0.5, sw_batch_size=batch)
         (probs > 0.5).numpy()
         result["probabilities"] = probs[0].numpy()

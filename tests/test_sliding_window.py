@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from factorizer_cli.pipeline.sliding_window import (
     gaussian_importance,
     mirror_tta,
+    reuse_constant_windows,
     sliding_window_inference,
     window_starts,
 )
@@ -157,6 +158,28 @@ def test_one_batch_at_a_time(sw_batch_size):
     sliding_window_inference(image, roi, predictor, overlap=0.5, sw_batch_size=sw_batch_size)
     assert max(sizes) <= sw_batch_size
     assert sum(sizes) == len(window_starts((30, 26), roi, 0.5)) == 16
+
+
+@pytest.mark.parametrize("capacity", [64, 1])
+def test_constant_windows_run_once_with_the_same_numbers(capacity):
+    """Slices of one value (per channel) reach the network once per value and case; the blended result
+    is the plain one's (to the last bits that a convolution's batch size moves), whatever the cache holds."""
+    image = torch.randn(2, 12, 10, 16)
+    image[:, :, :, 10:] = torch.tensor([-1.0, 2.0]).view(2, 1, 1, 1)  # six slices of one pair of values
+    image[:, :, :, :2] = 0.0  # two more: another pair
+    inner, seen = make_predictor(2, 3, 3), []
+
+    def counting(x):
+        seen.append(len(x))
+        return inner(x)
+
+    plain = sliding_window_inference(image, (12, 10, 1), inner, overlap=0.0, sw_batch_size=4)
+    reused = sliding_window_inference(image, (12, 10, 1), reuse_constant_windows(counting, capacity),
+                                      overlap=0.0, sw_batch_size=4)
+    torch.testing.assert_close(reused, plain, rtol=0, atol=1e-6)
+    # batches of 4 slices: [0 0 v v] [v v v v] [v v c c] [c c c c]; 8 varying slices and one per value,
+    # plus, when the cache holds only the first value, the second once more in the last batch
+    assert seen == ([3, 4, 3] if capacity > 1 else [3, 4, 3, 1])
 
 
 def test_float16_predictor_under_inference_mode():

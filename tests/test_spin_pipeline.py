@@ -22,7 +22,7 @@ from factorizer_cli.families import TrainingView, build, family_of
 from factorizer_cli.io.images import read_image
 from factorizer_cli.nn.spin_inference import phase_weights
 from factorizer_cli.pipeline.segment import SLICES_PER_CALL, InferenceOptions, Segmenter
-from factorizer_cli.pipeline.sliding_window import mirror_tta
+from factorizer_cli.pipeline.sliding_window import mirror_tta, sliding_window_inference
 from factorizer_cli.zoo.card import ModelCard
 from factorizer_cli.zoo.onnx_file import open_onnx
 from factorizer_cli.zoo.package import open_package, save_package
@@ -181,6 +181,27 @@ def test_a_spin_package_of_upstream_weights_segments(tmp_path):
     result = Segmenter(package, InferenceOptions(device="cpu"))([t1], keep_probabilities=True)
     assert result.probabilities.shape == (1, *nib.load(t1).shape)
     assert np.isfinite(result.probabilities).all()
+
+
+def test_blank_slices_reach_the_network_once(tmp_path):
+    """An atlas grid's empty slices (one value after normalisation) run once per case, same numbers."""
+    card = ModelCard.from_dict(CARD)
+    package = save_package(tmp_path / "pkg", card, [narrow_spin().state_dict()])
+    volume = np.random.default_rng(0).uniform(0, 100, (32, 36, 20)).astype(np.float32)
+    volume[:, :, 12:] = 0.0  # eight blank slices
+    path = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([1.5, 1.5, 1.5, 1.0])), path)
+    segmenter = Segmenter(package, InferenceOptions(device="cpu"))
+    windows, predictor = [], segmenter.predictor
+    segmenter.predictor = lambda x: windows.append(x.shape[0]) or predictor(x)
+    prepared = segmenter.prepare([path])
+    reused = segmenter.infer(prepared)
+    # the stacks of slices 14..17 are blank throughout (12, 13 see slices before, 18, 19 the edge fill)
+    assert sum(windows) == 20 - 4 + 1
+    with torch.inference_mode():
+        every = sliding_window_inference(torch.from_numpy(prepared.array), card.roi, predictor,
+                                          overlap=card.overlap, sw_batch_size=SLICES_PER_CALL)
+    np.testing.assert_allclose(reused, every.numpy(), rtol=0, atol=1e-6)
 
 
 def test_the_stroke_example_card_builds_a_registered_slice_wise_spin():

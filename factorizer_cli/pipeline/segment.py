@@ -25,7 +25,7 @@ from .components import ComponentCapture, ComponentMaps, ComponentRequest
 from .postprocess import labels_from_probabilities, volumes_ml
 from .predictors import TorchPredictor, onnx_predictor
 from .preprocess import Prepared, preprocess
-from .sliding_window import mirror_tta, sliding_window_inference
+from .sliding_window import mirror_tta, reuse_constant_windows, sliding_window_inference
 
 Progress = Callable[[int, int], None]
 # Slices per network call for slice-wise (2D) models. SPiN's published network on 2 CPU cores, a whole
@@ -129,6 +129,8 @@ class Segmenter:
         batch = self.options.sw_batch_size or (SLICES_PER_CALL if slice_wise else 1)
         if self.options.tta:
             predictor = mirror_tta(predictor, spatial_dims=len(self.card.roi), mirrored_dims=2 if slice_wise else None)
+        if slice_wise and capture is None:  # a 2D network's windows are independent of their batch
+            predictor = reuse_constant_windows(predictor)
         overlap = self.card.overlap if self.options.overlap is None else self.options.overlap
         with torch.inference_mode():
             image = torch.from_numpy(prepared.array)

@@ -188,3 +188,46 @@ def mirror_tta(predictor: Predictor, spatial_dims: int = 3, mirrored_dims: int |
         return means if several else means[0]
 
     return mirrored
+
+
+def reuse_constant_windows(predictor: Predictor, capacity: int = 64) -> Predictor:
+    """Wrap ``predictor`` to run each constant window (one value per channel) once and reuse its output.
+
+    Why: a slice-wise model on an atlas grid sees whole slices of one value (the grid's empty top, or
+    what lay outside the scan's field of view): 30 of the MNI152 template's 189 axial slices. Reuse
+    is exact only for a network whose output for a window does not depend on the other windows of
+    its batch, so segment applies it to slice-wise models alone. Outputs are kept per channel values,
+    at most ``capacity`` of them (a case has a handful: the fill and the background).
+    """
+    cache: dict[tuple[float, ...], Tensor] = {}
+
+    def reusing(x: Tensor) -> Tensor:
+        flat = x.flatten(2)
+        lows, highs = flat.amin(2).tolist(), flat.amax(2).tolist()
+        keys = [tuple(lo) if lo == hi else None for lo, hi in zip(lows, highs)]
+        run: list[int] = []  # windows the network sees: all varying ones, each new constant once
+        first: dict[tuple[float, ...], int] = {}  # a new constant's position in ``run``
+        position: list[int | None] = []  # each window's output in ``run``'s, or None: from the cache
+        for i, key in enumerate(keys):
+            if key is not None and key in cache:
+                position.append(None)
+            elif key is not None and key in first:
+                position.append(first[key])
+            else:
+                if key is not None:
+                    first[key] = len(run)
+                position.append(len(run))
+                run.append(i)
+        if len(run) == len(x):
+            outputs = predictor(x)
+        else:
+            outputs = predictor(x[run]) if run else None
+        for key, p in first.items():
+            if len(cache) < capacity:
+                cache[key] = outputs[p].clone()  # type: ignore[index]  # the caller may write into outputs
+        if len(run) == len(x):
+            return outputs
+        return torch.stack([cache[key] if p is None else outputs[p]  # type: ignore[index]
+                            for key, p in zip(keys, position)])
+
+    return reusing
