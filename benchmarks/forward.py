@@ -17,8 +17,8 @@ Without --upstream only ours is measured.
 A shared machine: ``--load N`` measures every side twice, idle and then beside N busy processes
 (``yes > /dev/null``, started for that phase and killed however the run ends), and prints each side's
 time under load over its idle time. Every process (both sides, and this one) first applies the
-``factorizer`` command's CPU defaults (``factorizer_cli.runtime``: ``OMP_WAIT_POLICY=PASSIVE`` unless
-set) before PyTorch loads, so upstream runs in the same environment as ours; ``--no-runtime-defaults``
+``factorizer`` command's CPU defaults (``factorizer_cli.runtime``: ``GOMP_SPINCOUNT=10000`` unless
+the wait is set) before PyTorch loads, so upstream runs in the same environment as ours; ``--no-runtime-defaults``
 leaves the environment as given (to see what the defaults change). Run it at normal priority (no
 ``nice``), so that the network competes with the load on equal terms:
 

@@ -147,7 +147,10 @@ def our_probabilities(network, array, repeats: int, batch: int | None):
     from factorizer_cli.families import activate, family_of, window_logits
     from factorizer_cli.pipeline.preprocess import stack_slices
     from factorizer_cli.pipeline.segment import SLICES_PER_CALL
-    from factorizer_cli.pipeline.sliding_window import reuse_constant_windows, sliding_window_inference
+    from factorizer_cli.pipeline.sliding_window import (
+        reuse_constant_windows,
+        sliding_window_inference,
+    )
 
     batch = batch or SLICES_PER_CALL
 

@@ -10,6 +10,23 @@ descheduled holds the others at the next barrier. Measured on 2 cores with two `
 beside it, the seed README network's 128³ forward went from 7.6 s (idle) to 38.9 s; with
 ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep at once) it took 13.4 s, and idle was unchanged.
 
+Sleeping at once has its own cost where parallel regions follow each other closely: a 2D network run
+slice by slice (SPiN: about 100 small convolutions per call) pays a wake-up at every one. So the
+default is a short spin, ``GOMP_SPINCOUNT=10000`` (a thirtieth of libgomp's own; well under a
+millisecond), not ``PASSIVE``. Measured on 2 cores (AVX2, 2026-12-01, each figure one run of
+``benchmarks/forward.py --rounds 2 --repeats 2 --load 2`` or ``benchmarks/spin.py --rounds 1``):
+
+====================================  ===================  =====================
+                                      ``PASSIVE``          ``GOMP_SPINCOUNT=10000``
+Factorizer 128³ forward, idle         3.76, 4.19, 3.97 s   3.55, 3.33, 4.47 s
+the same beside 2 busy processes      7.62, 7.19, 9.49 s   8.44, 8.58, 9.71 s
+SPiN volume, ours / upstream's loop   18.35 / 31.48 s      14.21 / 25.69 s
+====================================  ===================  =====================
+
+Under load the short spin costs the Factorizer about a tenth (far from the default spin's fivefold);
+idle it gains a little there and a quarter on SPiN (30000 was no better on SPiN and worse under load:
+11.7 s).
+
 Capping the thread count is not done: the kernel shares the CPU per thread, so fewer threads only
 shrink our share under load and slow the idle case. ``KMP_*`` variables are for Intel's ``libiomp``
 and do nothing to ``libgomp``.
@@ -37,9 +54,9 @@ import sys
 from collections.abc import MutableMapping
 
 # Our defaults; a variable the user set keeps the user's value.
-CPU_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+CPU_DEFAULTS: dict[str, str] = {"GOMP_SPINCOUNT": "10000"}
 # Variables that decide libgomp's waiting themselves: if the user set one, we add none of ours, since
-# GOMP_SPINCOUNT overrides the spin count that OMP_WAIT_POLICY would imply.
+# GOMP_SPINCOUNT would override the spin count that the user's OMP_WAIT_POLICY implies.
 _USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # glibc mallopt parameters (malloc.h) and our values; any of the user's own malloc settings wins.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

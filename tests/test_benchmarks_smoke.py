@@ -67,8 +67,8 @@ def test_forward_benchmark_runs_at_a_tiny_size(tmp_path):
     results = json.loads(out.read_text())
     assert results["idle"]["ours"]["median_s"] > 0
     env = results["idle"]["ours"]["env"]  # the worker ran with the command's defaults, set before torch
-    assert env["vars"]["OMP_WAIT_POLICY"] == "PASSIVE" and env["set_before_torch"] is True
-    assert "OMP_WAIT_POLICY=PASSIVE" in result.stdout
+    assert env["vars"]["GOMP_SPINCOUNT"] == "10000" and env["set_before_torch"] is True
+    assert "GOMP_SPINCOUNT=10000" in result.stdout
 
 
 def test_busy_processes_end_with_the_block_and_with_a_killed_benchmark():
