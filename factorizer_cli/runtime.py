@@ -24,8 +24,8 @@ SPiN volume, ours / upstream's loop   18.35 / 31.48 s      14.21 / 25.69 s
 ====================================  ===================  =====================
 
 Under load the short spin costs the Factorizer about a tenth (far from the default spin's fivefold);
-idle it gains a little there and a quarter on SPiN (30000 was no better on SPiN and worse under load:
-11.7 s).
+idle it gains a little there and a quarter on SPiN. 30000 did no better on SPiN (13.23 s against
+10000's 13.26 s over three rounds) and cost the Factorizer more under load (11.73 s).
 
 Capping the thread count is not done: the kernel shares the CPU per thread, so fewer threads only
 shrink our share under load and slow the idle case. ``KMP_*`` variables are for Intel's ``libiomp``
