@@ -176,7 +176,7 @@ def test_constant_windows_run_once_with_the_same_numbers(capacity):
     plain = sliding_window_inference(image, (12, 10, 1), inner, overlap=0.0, sw_batch_size=4)
     reused = sliding_window_inference(image, (12, 10, 1), reuse_constant_windows(counting, capacity),
                                       overlap=0.0, sw_batch_size=4)
-    torch.testing.assert_close(reused, plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reused, plain, rtol=1e-5, atol=1e-5)  # a wrong reuse is off by O(1)
     # batches of 4 slices: [0 0 v v] [v v v v] [v v c c] [c c c c]; 8 varying slices and one per value,
     # plus, when the cache holds only the first value, the second once more in the last batch
     assert seen == ([3, 4, 3] if capacity > 1 else [3, 4, 3, 1])

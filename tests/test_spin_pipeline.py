@@ -201,7 +201,7 @@ def test_blank_slices_reach_the_network_once(tmp_path):
     with torch.inference_mode():
         every = sliding_window_inference(torch.from_numpy(prepared.array), card.roi, predictor,
                                           overlap=card.overlap, sw_batch_size=SLICES_PER_CALL)
-    np.testing.assert_allclose(reused, every.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(reused, every.numpy(), rtol=0, atol=1e-5)
 
 
 def test_the_stroke_example_card_builds_a_registered_slice_wise_spin():
