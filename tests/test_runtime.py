@@ -80,7 +80,7 @@ def _spin_count(stderr: str) -> str:
 def test_the_command_makes_openmp_threads_spin_briefly_before_sleeping():
     verbose = {"OMP_DISPLAY_ENV": "verbose"}
     plain = _spin_count(run_python("-c", "import torch", env=verbose).stderr)
-    assert plain == "300000"  # libgomp's default
+    assert plain not in ("0", "10000")  # libgomp's own default (300000)
     assert _spin_count(run_python("-m", "factorizer_cli", "--version", env=verbose).stderr) == "10000"
     user = run_python("-m", "factorizer_cli", "--version", env={**verbose, "OMP_WAIT_POLICY": "PASSIVE"})
     assert _spin_count(user.stderr) == "0"  # the user's choice: sleep at once
