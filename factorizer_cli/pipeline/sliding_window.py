@@ -218,14 +218,12 @@ def reuse_constant_windows(predictor: Predictor, capacity: int = 64) -> Predicto
                     first[key] = len(run)
                 position.append(len(run))
                 run.append(i)
-        if len(run) == len(x):
-            outputs = predictor(x)
-        else:
-            outputs = predictor(x[run]) if run else None
+        every = len(run) == len(x)
+        outputs = predictor(x if every else x[run]) if run else None
         for key, p in first.items():
             if len(cache) < capacity:
                 cache[key] = outputs[p].clone()  # type: ignore[index]  # the caller may write into outputs
-        if len(run) == len(x):
+        if every:
             return outputs
         return torch.stack([cache[key] if p is None else outputs[p]  # type: ignore[index]
                             for key, p in zip(keys, position)])
