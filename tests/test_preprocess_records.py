@@ -110,6 +110,8 @@ def test_slice_stacking_puts_neighbours_in_order_and_zero_beyond():
     np.testing.assert_array_equal(stacked[2][..., :-1], volume[0][..., 1:])  # the slice above
     assert (stacked[0][..., 0] == 0).all() and (stacked[2][..., -1] == 0).all()
     np.testing.assert_array_equal(stacked[4], volume[1])
+    assert np.moveaxis(stacked, -1, 0).flags["C_CONTIGUOUS"]  # slice by slice: a slice's stack is one block
+    np.testing.assert_array_equal(stack_slices(volume, 0), volume)
 
 
 def test_normalizations():

@@ -15,6 +15,7 @@ from factorizer_cli.pipeline.sliding_window import (
     reuse_constant_windows,
     sliding_window_inference,
     window_starts,
+    zeros_in_layout,
 )
 
 monai_utils = pytest.importorskip("monai.data.utils")
@@ -180,6 +181,28 @@ def test_constant_windows_run_once_with_the_same_numbers(capacity):
     # batches of 4 slices: [0 0 v v] [v v v v] [v v c c] [c c c c]; 8 varying slices and one per value,
     # plus, when the cache holds only the first value, the second once more in the last batch
     assert seen == ([3, 4, 3] if capacity > 1 else [3, 4, 3, 1])
+
+
+@pytest.mark.parametrize("roi", [(12, 10, 1), (8, 6, 3)])
+def test_an_image_stored_slice_by_slice_blends_the_same(roi):
+    """A slice-wise model's image comes stored slice by slice; windows are read and their outputs
+    summed in that order, and the result is the usual one, stored in the usual order."""
+    image = torch.randn(2, 12, 10, 16)
+    by_slice = image.permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0)
+    assert torch.equal(by_slice, image) and not by_slice.is_contiguous()
+    predictor = make_predictor(2, 3, 3)
+    usual = sliding_window_inference(image, roi, predictor, overlap=0.5, sw_batch_size=4)
+    blended = sliding_window_inference(by_slice, roi, predictor, overlap=0.5, sw_batch_size=4)
+    torch.testing.assert_close(blended, usual, rtol=0, atol=1e-6)
+    assert blended.is_contiguous()
+
+
+def test_zeros_in_layout_follow_the_axis_order():
+    by_slice = torch.empty(16, 2, 12, 10).permute(1, 2, 3, 0)  # (C, I, J, K), K slowest
+    zeros = zeros_in_layout(by_slice, (3, 12, 10, 16), torch.float32, "cpu")
+    assert zeros.shape == (3, 12, 10, 16) and not zeros.any()
+    assert zeros[:, :, :, 5].is_contiguous()  # one slice, one block
+    assert zeros_in_layout(torch.empty(2, 4, 5), (3, 4, 5), torch.float16, "cpu").is_contiguous()
 
 
 def test_float16_predictor_under_inference_mode():

@@ -196,14 +196,20 @@ def stack_slices(array: np.ndarray, context: int) -> np.ndarray:
     """Each slice of the last axis with ``context`` neighbours on either side, as channels.
 
     ``(C, I, J, K)`` becomes ``(C·(2k+1), I, J, K)``, channel ``c·(2k+1) + j`` holding slice ``z + j - k``
-    of channel ``c``; beyond the volume it is 0 (the normalized background).
+    of channel ``c``; beyond the volume it is 0 (the normalized background). Stored slice by slice
+    (the last axis slowest): one slice's stack is then one block of memory, as the sliding window
+    reads it (in the usual order, reading a slice's window touched a cache line per voxel).
     """
-    if context == 0:
-        return array
-    padded = np.pad(array, [(0, 0)] * 3 + [(context, context)])
-    depth = array.shape[-1]
-    stacked = [padded[c, ..., j : j + depth] for c in range(array.shape[0]) for j in range(2 * context + 1)]
-    return np.ascontiguousarray(np.stack(stacked))
+    channels, depth = array.shape[0], array.shape[-1]
+    width = 2 * context + 1
+    by_slice = np.ascontiguousarray(np.moveaxis(array, -1, 1))  # (C, K, I, J)
+    stacked = np.zeros((depth, channels * width, *array.shape[1:-1]), array.dtype)
+    for c in range(channels):
+        for j in range(width):
+            shift = j - context  # slice z's channel c·width + j is slice z + shift
+            first, end = max(0, -shift), min(depth, depth - shift)
+            stacked[first:end, c * width + j] = by_slice[c, first + shift : end + shift]
+    return np.moveaxis(stacked, 0, -1)
 
 
 def target_shape(shape: Sequence[int], here: Sequence[float], spacing: Sequence[float | None]) -> tuple[int, ...]:

@@ -69,6 +69,19 @@ def window_starts(
     return list(itertools.product(*per_axis))
 
 
+def zeros_in_layout(like: Tensor, shape: Sequence[int], dtype: torch.dtype, device: Device) -> Tensor:
+    """Zeros of ``shape`` stored in ``like``'s axis order (its slowest axis slowest), whatever its strides.
+
+    Why: windows are read from the image and summed into the output window by window; a slice-wise
+    model's image is stored slice by slice (``pipeline.preprocess.stack_slices``), so that a window
+    of one slice is one block of memory, and its output must be too: in the usual order each of its
+    voxels lies a slice's depth apart, and the blend read and wrote whole cache lines per voxel.
+    """
+    order = sorted(range(like.ndim), key=lambda axis: -like.stride(axis))  # stable: ties keep their order
+    stored = torch.zeros([shape[axis] for axis in order], dtype=dtype, device=device)
+    return stored.permute([order.index(axis) for axis in range(like.ndim)])
+
+
 @torch.no_grad()  # never differentiated: a graph per window would defeat the memory bound
 def sliding_window_inference(
     image: Tensor,
@@ -115,7 +128,7 @@ def sliding_window_inference(
     starts = window_starts(size, roi, overlap)
     weight = gaussian_importance(roi, sigma_scale, device=window_device)
     weight_out = weight.to(output_device)
-    weight_sum = torch.zeros(size, dtype=torch.float32, device=output_device)
+    weight_sum = zeros_in_layout(image[0], size, torch.float32, output_device)
     outputs: list[Tensor] | None = None
     several = False
     for first in range(0, len(starts), sw_batch_size):
@@ -134,8 +147,8 @@ def sliding_window_inference(
                     f"returned {tuple(pred.shape)}"
                 )
         if outputs is None:  # K is known only now
-            outputs = [torch.zeros((p.shape[1], *size), dtype=torch.float32 if i == 0 else extra_dtype,
-                                   device=output_device) for i, p in enumerate(preds)]
+            outputs = [zeros_in_layout(image, (p.shape[1], *size), torch.float32 if i == 0 else extra_dtype,
+                                       output_device) for i, p in enumerate(preds)]
         for output, pred in zip(outputs, preds):
             # float32 even if predicted in float16; an extra is cast to its blend's type
             pred = (pred.float() * weight).to(output_device, output.dtype)
@@ -154,6 +167,7 @@ def sliding_window_inference(
     if padded:
         crop = tuple(slice(before, before + s) for (before, _), s in zip(pads, spatial))
         outputs = [o[(slice(None), *crop)].clone() for o in outputs]  # clone: do not pin the padded storage
+    outputs = [o.contiguous() for o in outputs]  # the usual order, whatever the image's
     return tuple(outputs) if several else outputs[0]
 
 
