@@ -70,9 +70,8 @@ def test_every_zoo_card_builds_and_names_real_sources(name):
         if hasattr(network, "spatial_size"):  # sized at construction (Factorizer): the roi must be that size
             assert tuple(network.spatial_size) == tuple(card.roi)
         else:  # any size it can take: a window of the card's roi must give one output per voxel
-            slice_wise = card.preprocessing.slice_context is not None  # 2D: windows [H, W, 1]
             with torch.no_grad():
-                out = window_logits(network, torch.empty(1, card.in_channels, *card.roi), slice_wise)
+                out = window_logits(network, torch.empty(1, card.in_channels, *card.roi), card.slice_wise)
             assert tuple(out.shape) == (1, len(card.outputs), *card.roi)
     assert card.weights, "a zoo card must list its weights"
     for entry in card.weights:

@@ -207,6 +207,6 @@ def test_blank_slices_reach_the_network_once(tmp_path):
 def test_the_stroke_example_card_builds_a_registered_slice_wise_spin():
     card = ModelCard.load(Path(__file__).parent.parent / "examples" / "stroke-spin.json")
     assert card.preprocessing.register == "mni152-2009a" and card.preprocessing.slice_context == 2
-    assert card.roi == (197, 233, 1) and card.in_channels == 5 and card.weights == ()
+    assert card.roi == (197, 233, 1) and card.in_channels == 5 and card.slice_wise and card.weights == ()
     network = build(card.architecture)
     assert sum(p.numel() for p in network.parameters()) == 260_072  # the fixtures' narrow widths

@@ -69,7 +69,7 @@ def test_cards_load_and_describe_softmax_classes(name):
     # Rule k paints class k with k; background (class 0) has no rule: it stays 0.
     assert [(card.outputs.index(r.region), r.label) for r in card.labels] == [(k, k) for k in range(1, classes)]
     assert sorted(card.label_names, key=int) == [str(k) for k in range(1, classes)]
-    assert card.in_channels == 1 and card.roi == (96, 96, 96) and card.overlap == 0.5
+    assert card.in_channels == 1 and not card.slice_wise and card.roi == (96, 96, 96) and card.overlap == 0.5
     assert all(side % 16 == 0 for side in card.roi), "the network halves its input four times"
     assert card.license and card.citation and "models verify" in card.description
 

@@ -134,7 +134,7 @@ class ExportedFile:
 def window_graph(family: Family, network: nn.Module, card: ModelCard) -> nn.Module:
     """The module traced for one network: the family's export form, taking the card's windows."""
     module = family.export_module(family.prepare(network))
-    return module if card.preprocessing.slice_context is None else SliceWindow(module)
+    return SliceWindow(module) if card.slice_wise else module
 
 
 class EnsembleGraph(nn.Module):
@@ -319,8 +319,7 @@ def verify_model(model: bytes | str | Path, networks: Sequence[nn.Module], card:
     agreements = {}
     for name, x in verification_inputs(card, options.batch_size or 2).items():
         with torch.inference_mode():
-            slice_wise = card.preprocessing.slice_context is not None
-            outs = [window_logits(n, x, slice_wise).float() for n in networks]
+            outs = [window_logits(n, x, card.slice_wise).float() for n in networks]
             if output == "probabilities":
                 outs = [activate(o, card.activation) for o in outs]
             expected = torch.stack(outs).mean(0)

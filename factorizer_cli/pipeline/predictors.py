@@ -39,11 +39,10 @@ class TorchPredictor:
         self.device = resolve_device(device)
         self._autocast = lambda: autocast(self.device, precision)
         self._autocast()  # validate the precision for this device now, not after preprocessing
-        self.slice_wise = self.card.preprocessing.slice_context is not None
         self.networks = []
         for network in package.load_networks(self.device):
             size = getattr(network, "spatial_size", None)
-            roi = self.card.roi[:2] if self.slice_wise else self.card.roi
+            roi = self.card.roi[:2] if self.card.slice_wise else self.card.roi
             if size is not None and tuple(size) != tuple(roi):
                 raise ConfigError(f"model card {self.card.name!r}: roi {tuple(roi)} differs from the network's "
                                   f"spatial_size {tuple(size)}")
@@ -57,7 +56,7 @@ class TorchPredictor:
         total = None
         with self._autocast():
             for network in self.networks:
-                probs = activate(window_logits(network, x, self.slice_wise).float(), self.card.activation)
+                probs = activate(window_logits(network, x, self.card.slice_wise).float(), self.card.activation)
                 total = probs if total is None else total.add_(probs)
         return total / len(self.networks)
 

@@ -125,7 +125,7 @@ class Segmenter:
               capture: ComponentCapture | None = None) -> np.ndarray:
         """Probabilities on the network grid (channels first); ``capture`` also gets its maps blended."""
         predictor = self.predict_window if capture is None else capture.wrap(self.predict_window)
-        slice_wise = self.card.preprocessing.slice_context is not None
+        slice_wise = self.card.slice_wise
         batch = self.options.sw_batch_size or (SLICES_PER_CALL if slice_wise else 1)
         if self.options.tta:
             predictor = mirror_tta(predictor, spatial_dims=len(self.card.roi), mirrored_dims=2 if slice_wise else None)

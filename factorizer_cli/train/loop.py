@@ -99,7 +99,6 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase
     validation cases, on the model's grid (whole volumes, read one case at a time). With several
     processes each scores every ``count``-th case and the sums are shared, so all get the same means."""
     targets = targets or targets_of(card)
-    slice_wise = card.preprocessing.slice_context is not None
     network.eval()
     scored = [c for c in range(len(card.outputs)) if c != targets.background]
     scores = np.zeros(len(scored))
@@ -110,7 +109,7 @@ def validate(network: torch.nn.Module, cases: Sequence[TrainingCase | CachedCase
             image, target = np.array(case.image), np.array(case.target)  # in memory for this case only
             probabilities = sliding_window_inference(
                 torch.from_numpy(image), card.roi,
-                lambda x: activate(window_logits(network, x, slice_wise), card.activation), overlap=card.overlap,
+                lambda x: activate(window_logits(network, x, card.slice_wise), card.activation), overlap=card.overlap,
                 window_device=device, output_device="cpu")
             decisions = label_decisions(probabilities[None], card.activation, card.threshold)[0].numpy()
             if targets.background is None:
@@ -207,7 +206,7 @@ def _train(data_dir: str | Path, card: ModelCard, out: Path, config: TrainConfig
     if resume:
         run = load_state(out, network, optimizer)
         run.settings = asdict(config)
-    model = _replicated(TrainingView(network, card.preprocessing.slice_context is not None), device, processes)
+    model = _replicated(TrainingView(network, card.slice_wise), device, processes)
     autocast = training_autocast(device, config.precision)
     scaler = gradient_scaler(device, config.precision, run.scaler)
     if processes.writer:

@@ -223,7 +223,7 @@ class ModelCard:
         problems += self.preprocessing.problems()
         if len(self.roi) != 3 or any(r < 1 for r in self.roi):
             problems.append("roi needs 3 positive values")
-        if self.preprocessing.slice_context is not None and self.roi[-1] != 1:
+        if self.slice_wise and self.roi[-1] != 1:
             problems.append(f"a slice-wise model (slice_context) takes windows [H, W, 1], got roi {list(self.roi)}")
         if not 0 <= self.overlap < 1:
             problems.append(f"overlap must be in [0, 1), got {self.overlap}")
@@ -232,6 +232,11 @@ class ModelCard:
             problems.append(f"labels refer to unknown outputs {unknown}; outputs are {list(self.outputs)}")
         if problems:
             raise ConfigError(f"model card {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def slice_wise(self) -> bool:
+        """Whether the network is 2D, run slice by slice with neighbouring slices as channels."""
+        return self.preprocessing.slice_context is not None
 
     @property
     def in_channels(self) -> int:
